@@ -1,0 +1,198 @@
+//! Identity bundles: everything a device needs to reach a broker, in one TOML file.
+//!
+//! `postern-broker issue` writes a bundle for a headless machine or for break-glass use;
+//! `postern login --bundle` imports it. The agent keeps its own identity in the same format.
+
+use std::collections::BTreeMap;
+
+use postern_proto::ServiceName;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+
+use crate::secret::SecretPem;
+use crate::tls::ClientCredential;
+use crate::verify::{VerifiedClient, VerifyError, inspect_unverified};
+
+/// The format line of version 1 bundles.
+pub const BUNDLE_FORMAT: &str = "postern-bundle/1";
+
+/// Largest bundle read, in bytes.
+pub const MAX_BUNDLE_LEN: usize = 256 * 1024;
+
+const HEADER: &str = "\
+# Postern identity bundle.
+# It holds a private key unless it was issued for a signing request: keep it secret.
+# Import it with `postern login --bundle FILE`, then delete this file.
+";
+
+/// A device's credentials and where to use them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    /// Address the agent dials: `HOST:PORT`.
+    pub broker: String,
+    /// Name in the broker's server certificate.
+    pub server_name: String,
+    /// CA certificates the broker's certificate is checked against.
+    pub server_cas: Vec<CertificateDer<'static>>,
+    /// The client certificate.
+    pub certificate: CertificateDer<'static>,
+    /// The client key, unless the certificate was issued for a key made elsewhere.
+    pub key: Option<SecretPem>,
+    /// The broker's services and the local port each is served on by default.
+    pub services: BTreeMap<ServiceName, BundleService>,
+}
+
+/// A service as the agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleService {
+    /// Local port the agent listens on by default.
+    pub port: u16,
+}
+
+/// Why a bundle cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// The file is not a bundle.
+    #[error("not a Postern identity bundle: {0}")]
+    Syntax(String),
+    /// The bundle is of an unknown format version.
+    #[error("unknown bundle format `{0}` (this version reads `{BUNDLE_FORMAT}`)")]
+    Format(String),
+    /// A PEM field is unusable.
+    #[error("the bundle's `{0}` is not valid PEM")]
+    Pem(&'static str),
+    /// A service name is invalid.
+    #[error("the bundle names an invalid service `{0}`")]
+    Service(String),
+    /// The certificate does not carry a Postern identity.
+    #[error(transparent)]
+    Certificate(#[from] VerifyError),
+    /// The key is missing.
+    #[error("the bundle holds no private key")]
+    NoKey,
+    /// The key does not belong to the certificate.
+    #[error("the private key does not belong to the certificate")]
+    KeyMismatch,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBundle {
+    format: String,
+    broker: String,
+    server_name: String,
+    server_ca: String,
+    certificate: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    #[serde(default)]
+    services: BTreeMap<String, BundleService>,
+}
+
+impl Bundle {
+    /// Parses a bundle and checks that its parts are usable.
+    pub fn from_toml(text: &str) -> Result<Self, BundleError> {
+        if text.len() > MAX_BUNDLE_LEN {
+            return Err(BundleError::Syntax(format!(
+                "larger than {MAX_BUNDLE_LEN} bytes"
+            )));
+        }
+        let raw: RawBundle =
+            toml::from_str(text).map_err(|e| BundleError::Syntax(e.message().to_owned()))?;
+        if raw.format != BUNDLE_FORMAT {
+            return Err(BundleError::Format(raw.format));
+        }
+        let server_cas = CertificateDer::pem_slice_iter(raw.server_ca.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| BundleError::Pem("server_ca"))?;
+        if server_cas.is_empty() {
+            return Err(BundleError::Pem("server_ca"));
+        }
+        let certificate = CertificateDer::from_pem_slice(raw.certificate.as_bytes())
+            .map_err(|_| BundleError::Pem("certificate"))?;
+        let services = raw
+            .services
+            .into_iter()
+            .map(|(name, service)| {
+                Ok((
+                    ServiceName::new(&name).map_err(|_| BundleError::Service(name))?,
+                    service,
+                ))
+            })
+            .collect::<Result<_, BundleError>>()?;
+        let bundle = Self {
+            broker: raw.broker,
+            server_name: raw.server_name,
+            server_cas,
+            certificate,
+            key: raw.key.map(SecretPem::new),
+            services,
+        };
+        bundle.inspect()?;
+        if bundle.key.is_some() {
+            bundle.credential()?;
+        }
+        Ok(bundle)
+    }
+
+    /// The bundle as TOML, with a header saying what it is.
+    pub fn to_toml(&self) -> String {
+        let pem = |der: &[u8]| pem_block("CERTIFICATE", der);
+        let raw = RawBundle {
+            format: BUNDLE_FORMAT.to_owned(),
+            broker: self.broker.clone(),
+            server_name: self.server_name.clone(),
+            server_ca: self.server_cas.iter().map(|c| pem(c)).collect(),
+            certificate: pem(&self.certificate),
+            key: self.key.as_ref().map(|k| k.expose().to_owned()),
+            services: self
+                .services
+                .iter()
+                .map(|(name, s)| (name.to_string(), *s))
+                .collect(),
+        };
+        // Serializing plain strings and maps cannot fail.
+        format!("{HEADER}{}", toml::to_string(&raw).unwrap_or_default())
+    }
+
+    /// Reads the certificate without verifying it, to show who it is for and until when.
+    pub fn inspect(&self) -> Result<VerifiedClient, VerifyError> {
+        inspect_unverified(&self.certificate)
+    }
+
+    /// The certificate and key for a TLS client, after checking that they belong together.
+    pub fn credential(&self) -> Result<ClientCredential, BundleError> {
+        let key_pem = self.key.as_ref().ok_or(BundleError::NoKey)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.expose().as_bytes())
+            .map_err(|_| BundleError::Pem("key"))?;
+        check_key_matches(&self.certificate, key_pem)?;
+        Ok(ClientCredential {
+            chain: vec![self.certificate.clone()],
+            key,
+        })
+    }
+}
+
+/// Checks that `key_pem` is the private key of `certificate`.
+pub fn check_key_matches(
+    certificate: &CertificateDer<'_>,
+    key_pem: &SecretPem,
+) -> Result<(), BundleError> {
+    let key = rcgen::KeyPair::from_pem(key_pem.expose()).map_err(|_| BundleError::Pem("key"))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(certificate)
+        .map_err(|_| BundleError::Pem("certificate"))?;
+    if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+        return Err(BundleError::KeyMismatch);
+    }
+    Ok(())
+}
+
+/// PEM text of one DER block.
+pub fn pem_block(label: &str, der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new(label, der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}

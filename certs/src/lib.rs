@@ -1,0 +1,59 @@
+//! Postern identities and the X.509 certificates that carry them.
+//!
+//! This crate is the one mapping between an [`Identity`] — who someone is, as (issuer, subject),
+//! and how they authenticated — and a client certificate: the user id in the SAN URI, the
+//! authentication context in one small non-critical extension, EKU clientAuth. Around that
+//! mapping it holds the broker's two CAs ([`ClientCa`] for client certificates, [`ServerCa`] for
+//! its own TLS certificate), issuance from a signing request that proves possession of a P-256
+//! or Ed25519 key, verification of a client certificate at a given time ([`ClientVerifier`]),
+//! the rustls configurations of both ends, and [`connection_role`], which decides what a
+//! finished handshake may do.
+//!
+//! Time is always passed in; nothing here reads the clock. Files are touched only by [`store`]
+//! and only when asked. It is not a general PKI: no intermediates, no revocation lists (the
+//! broker revokes through policy), no other key types.
+
+mod bundle;
+mod ca;
+mod csr;
+mod extension;
+mod identity;
+mod secret;
+pub mod store;
+mod tls;
+mod verify;
+
+#[cfg(feature = "test-util")]
+pub mod testdata;
+
+pub use bundle::{
+    BUNDLE_FORMAT, Bundle, BundleError, BundleService, MAX_BUNDLE_LEN, check_key_matches, pem_block,
+};
+pub use ca::{CaError, ClientCa, Generated, IssueError, ServerCa};
+pub use csr::{CsrError, KeyRequest, MAX_CSR_LEN, PublicKey};
+pub use extension::{
+    AUTH_CONTEXT_OID, MAX_AMR, MAX_AMR_LEN, MAX_EMAIL_LEN, MAX_EXTENSION_LEN, MAX_GROUP_LEN,
+    MAX_GROUPS, MAX_TEXT_LEN, POSTERN_OID_ARC,
+};
+pub use identity::{
+    AuthContext, DeviceId, Identity, IdentityError, Issuance, LineageId, LoginFlow,
+    MAX_ID_PART_LEN, RandomId, UserId,
+};
+pub use secret::SecretPem;
+pub use tls::{
+    ClientCredential, Role, RoleError, TlsError, client_config, connection_role, provider,
+    server_config,
+};
+pub use verify::{
+    ClientVerifier, TlsClientVerifier, TrustError, VerifiedClient, VerifyError, VerifyLimits,
+    inspect_unverified,
+};
+
+/// A time as RFC 3339 in UTC, to the second, for messages and logs.
+pub fn rfc3339(time: std::time::SystemTime) -> String {
+    let time = time::OffsetDateTime::from(time)
+        .replace_nanosecond(0)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    time.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "(time out of range)".to_owned())
+}

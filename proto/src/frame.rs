@@ -1,0 +1,473 @@
+//! Frames that open a tunnel stream: `Open` from the agent, `Opened` or `Refused` from the broker.
+//!
+//! Every frame is `type (1 byte) ‖ length (2 bytes, big endian) ‖ body (length bytes)`. The
+//! length is checked against [`MAX_BODY_LEN`] before a body is read, and each frame type has its
+//! own tighter limit.
+
+use std::fmt;
+
+use crate::service::{ServiceName, ServiceNameError};
+
+/// Bytes before a frame's body: its type and its length.
+pub const HEADER_LEN: usize = 3;
+
+/// Largest body of any frame, in bytes. A header announcing more is refused before anything is
+/// allocated.
+pub const MAX_BODY_LEN: usize = 1024;
+
+/// Longest reason in a `Refused` frame, in bytes of UTF-8.
+pub const MAX_REASON_LEN: usize = 512;
+
+const TYPE_OPEN: u8 = 0x01;
+const TYPE_OPENED: u8 = 0x02;
+const TYPE_REFUSED: u8 = 0x03;
+
+/// A frame that can be written to and read from a stream.
+pub trait Frame: Sized {
+    /// Decodes one frame from the start of `buf`.
+    ///
+    /// Returns `Ok(None)` when `buf` holds only part of a frame, and the frame with the number
+    /// of bytes it took otherwise. Bytes after the frame are left alone: on a tunnel stream they
+    /// are the forwarded connection's data.
+    fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, DecodeError>;
+
+    /// Encodes the frame, header included.
+    fn encode(&self) -> Vec<u8>;
+}
+
+/// The first frame on every tunnel stream, written by the agent: which service to reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Open {
+    /// The service, as named in the broker's configuration.
+    pub service: ServiceName,
+}
+
+/// The broker's answer to [`Open`]. After `Opened` the stream carries the connection's bytes;
+/// after `Refused` the broker finishes the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// The service is connected; bytes flow from here on.
+    Opened,
+    /// The broker will not connect this stream.
+    Refused(Refusal),
+}
+
+/// Why a stream was refused: a code for programs and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    code: RefuseCode,
+    reason: String,
+}
+
+/// Machine-readable reason for a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RefuseCode {
+    /// Policy does not allow this identity to reach this service.
+    NotPermitted,
+    /// The broker has no service by that name.
+    UnknownService,
+    /// The broker could not connect to the service.
+    UpstreamUnavailable,
+    /// The service did not accept the connection in time.
+    UpstreamTimeout,
+    /// The client certificate of this connection is no longer valid.
+    CertificateExpired,
+    /// The broker is shutting down and takes no new streams.
+    ShuttingDown,
+    /// A limit was reached; trying again later may work.
+    Busy,
+    /// The broker could not record or carry out the decision.
+    Internal,
+    /// A code this version does not know, sent by a newer broker. Never holds a known code.
+    Unrecognized(u16),
+}
+
+/// Why bytes are not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The header announces a body larger than the frame type allows.
+    #[error("frame body of {len} bytes exceeds the limit of {limit}")]
+    TooLong {
+        /// Announced body length.
+        len: usize,
+        /// Limit for this frame type.
+        limit: usize,
+    },
+    /// The frame type is not one expected at this point.
+    #[error("unexpected frame type {0:#04x}")]
+    UnexpectedType(u8),
+    /// An `Open` frame names an invalid service.
+    #[error("invalid service name: {0}")]
+    ServiceName(#[from] ServiceNameError),
+    /// A body does not have the layout of its frame type.
+    #[error("malformed {0} frame")]
+    Malformed(&'static str),
+    /// A refusal reason is not UTF-8 or holds control characters.
+    #[error("refusal reason is not printable UTF-8")]
+    BadReason,
+}
+
+/// Total length (header and body) of the frame whose header is `header`.
+///
+/// Fails when the announced body exceeds [`MAX_BODY_LEN`], so that a reader can allocate
+/// exactly what this returns.
+pub fn frame_len(header: &[u8; HEADER_LEN]) -> Result<usize, DecodeError> {
+    let len = usize::from(u16::from_be_bytes([header[1], header[2]]));
+    if len > MAX_BODY_LEN {
+        return Err(DecodeError::TooLong {
+            len,
+            limit: MAX_BODY_LEN,
+        });
+    }
+    Ok(HEADER_LEN + len)
+}
+
+/// A whole frame at the start of a buffer, not yet interpreted.
+struct RawFrame<'a> {
+    kind: u8,
+    body: &'a [u8],
+    total: usize,
+}
+
+/// Splits a whole frame off the start of `buf`, or `None` when more bytes are needed.
+fn split(buf: &[u8]) -> Result<Option<RawFrame<'_>>, DecodeError> {
+    let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let total = frame_len(header)?;
+    Ok(buf.get(HEADER_LEN..total).map(|body| RawFrame {
+        kind: header[0],
+        body,
+        total,
+    }))
+}
+
+fn encode_frame(kind: u8, body: &[&[u8]]) -> Vec<u8> {
+    let len: usize = body.iter().map(|part| part.len()).sum();
+    // Constructors keep every body within MAX_BODY_LEN, which fits in a u16.
+    let len16 = u16::try_from(len.min(MAX_BODY_LEN)).unwrap_or(u16::MAX);
+    let mut out = Vec::with_capacity(HEADER_LEN + len);
+    out.push(kind);
+    out.extend_from_slice(&len16.to_be_bytes());
+    for part in body {
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+impl Frame for Open {
+    fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, DecodeError> {
+        let Some(RawFrame { kind, body, total }) = split(buf)? else {
+            return Ok(None);
+        };
+        if kind != TYPE_OPEN {
+            return Err(DecodeError::UnexpectedType(kind));
+        }
+        let service = ServiceName::from_wire(body)?;
+        Ok(Some((Open { service }, total)))
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        encode_frame(TYPE_OPEN, &[self.service.as_str().as_bytes()])
+    }
+}
+
+impl Frame for Answer {
+    fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, DecodeError> {
+        let Some(RawFrame { kind, body, total }) = split(buf)? else {
+            return Ok(None);
+        };
+        let answer = match kind {
+            TYPE_OPENED if body.is_empty() => Answer::Opened,
+            TYPE_OPENED => return Err(DecodeError::Malformed("Opened")),
+            TYPE_REFUSED => Answer::Refused(Refusal::decode_body(body)?),
+            other => return Err(DecodeError::UnexpectedType(other)),
+        };
+        Ok(Some((answer, total)))
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            Answer::Opened => encode_frame(TYPE_OPENED, &[]),
+            Answer::Refused(refusal) => encode_frame(
+                TYPE_REFUSED,
+                &[
+                    &refusal.code.to_u16().to_be_bytes(),
+                    refusal.reason.as_bytes(),
+                ],
+            ),
+        }
+    }
+}
+
+impl Refusal {
+    /// A refusal with a reason for people.
+    ///
+    /// The reason is cut to [`MAX_REASON_LEN`] bytes at a character boundary and control
+    /// characters are replaced, so that any string makes a valid frame.
+    pub fn new(code: RefuseCode, reason: &str) -> Self {
+        let mut clean = String::with_capacity(reason.len().min(MAX_REASON_LEN));
+        for c in reason.chars() {
+            let c = if c.is_control() {
+                char::REPLACEMENT_CHARACTER
+            } else {
+                c
+            };
+            if clean.len() + c.len_utf8() > MAX_REASON_LEN {
+                break;
+            }
+            clean.push(c);
+        }
+        Self {
+            code,
+            reason: clean,
+        }
+    }
+
+    /// The machine-readable code.
+    pub fn code(&self) -> RefuseCode {
+        self.code
+    }
+
+    /// The sentence for people; printable UTF-8 of at most [`MAX_REASON_LEN`] bytes.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    fn decode_body(body: &[u8]) -> Result<Self, DecodeError> {
+        let (code, reason) = body
+            .split_first_chunk::<2>()
+            .ok_or(DecodeError::Malformed("Refused"))?;
+        if reason.len() > MAX_REASON_LEN {
+            return Err(DecodeError::TooLong {
+                len: body.len(),
+                limit: 2 + MAX_REASON_LEN,
+            });
+        }
+        let reason = std::str::from_utf8(reason).map_err(|_| DecodeError::BadReason)?;
+        if reason.chars().any(char::is_control) {
+            return Err(DecodeError::BadReason);
+        }
+        Ok(Self {
+            code: RefuseCode::from_u16(u16::from_be_bytes(*code)),
+            reason: reason.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.reason, self.code)
+    }
+}
+
+impl RefuseCode {
+    /// The code for a value read from the wire.
+    pub fn from_u16(value: u16) -> Self {
+        match value {
+            1 => Self::NotPermitted,
+            2 => Self::UnknownService,
+            3 => Self::UpstreamUnavailable,
+            4 => Self::UpstreamTimeout,
+            5 => Self::CertificateExpired,
+            6 => Self::ShuttingDown,
+            7 => Self::Busy,
+            8 => Self::Internal,
+            other => Self::Unrecognized(other),
+        }
+    }
+
+    /// The value written on the wire.
+    pub fn to_u16(self) -> u16 {
+        match self {
+            Self::NotPermitted => 1,
+            Self::UnknownService => 2,
+            Self::UpstreamUnavailable => 3,
+            Self::UpstreamTimeout => 4,
+            Self::CertificateExpired => 5,
+            Self::ShuttingDown => 6,
+            Self::Busy => 7,
+            Self::Internal => 8,
+            Self::Unrecognized(other) => other,
+        }
+    }
+
+    /// A stable lowercase name, used in logs and audit events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotPermitted => "not_permitted",
+            Self::UnknownService => "unknown_service",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::CertificateExpired => "certificate_expired",
+            Self::ShuttingDown => "shutting_down",
+            Self::Busy => "busy",
+            Self::Internal => "internal",
+            Self::Unrecognized(_) => "unrecognized",
+        }
+    }
+}
+
+impl fmt::Display for RefuseCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unrecognized(code) => write!(f, "code {code}"),
+            known => f.write_str(known.as_str()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn open(name: &str) -> Open {
+        Open {
+            service: ServiceName::new(name).unwrap(),
+        }
+    }
+
+    #[test]
+    fn open_has_the_documented_layout() {
+        assert_eq!(open("imap").encode(), b"\x01\x00\x04imap");
+        assert_eq!(Answer::Opened.encode(), b"\x02\x00\x00");
+        let refused = Answer::Refused(Refusal::new(RefuseCode::UnknownService, "no"));
+        assert_eq!(refused.encode(), b"\x03\x00\x04\x00\x02no");
+    }
+
+    #[test]
+    fn partial_frames_ask_for_more() {
+        let bytes = open("imap").encode();
+        for end in 0..bytes.len() {
+            assert_eq!(
+                Open::decode(&bytes[..end]),
+                Ok(None),
+                "prefix of {end} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn bytes_after_a_frame_are_left_alone() {
+        let mut bytes = Answer::Opened.encode();
+        bytes.extend_from_slice(b"* OK IMAP ready");
+        assert_eq!(
+            Answer::decode(&bytes),
+            Ok(Some((Answer::Opened, HEADER_LEN)))
+        );
+    }
+
+    #[test]
+    fn oversized_length_is_refused_from_the_header_alone() {
+        assert_eq!(
+            Open::decode(b"\x01\xff\xff"),
+            Err(DecodeError::TooLong {
+                len: 0xffff,
+                limit: MAX_BODY_LEN
+            })
+        );
+        assert_eq!(frame_len(&[1, 0x04, 0x00]), Ok(HEADER_LEN + 1024));
+        assert!(frame_len(&[1, 0x04, 0x01]).is_err());
+    }
+
+    #[test]
+    fn frames_are_checked_per_direction() {
+        assert_eq!(
+            Open::decode(&Answer::Opened.encode()),
+            Err(DecodeError::UnexpectedType(2))
+        );
+        assert_eq!(
+            Answer::decode(&open("imap").encode()),
+            Err(DecodeError::UnexpectedType(1))
+        );
+        assert_eq!(
+            Answer::decode(b"\x02\x00\x01x"),
+            Err(DecodeError::Malformed("Opened"))
+        );
+        assert_eq!(
+            Answer::decode(b"\x03\x00\x01x"),
+            Err(DecodeError::Malformed("Refused"))
+        );
+        assert_eq!(
+            Open::decode(b"\x01\x00\x00"),
+            Err(DecodeError::ServiceName(ServiceNameError::Empty))
+        );
+    }
+
+    #[test]
+    fn reasons_are_printable_and_bounded() {
+        assert_eq!(
+            Answer::decode(b"\x03\x00\x03\x00\x01\x1b"),
+            Err(DecodeError::BadReason)
+        );
+        assert_eq!(
+            Answer::decode(b"\x03\x00\x03\x00\x01\xff"),
+            Err(DecodeError::BadReason)
+        );
+        let long = Refusal::new(RefuseCode::Internal, &"é".repeat(400));
+        assert!(long.reason().len() <= MAX_REASON_LEN);
+        assert_eq!(
+            Refusal::new(RefuseCode::Internal, "a\nb\x1b[2J").reason(),
+            "a\u{fffd}b\u{fffd}[2J"
+        );
+        let too_long = [&[3u8, 0x02, 0x03, 0, 1][..], &[b'x'; 513]].concat();
+        assert!(matches!(
+            Answer::decode(&too_long),
+            Err(DecodeError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_codes_survive_a_round_trip() {
+        for value in [0, 9, 1000, u16::MAX] {
+            assert_eq!(RefuseCode::from_u16(value), RefuseCode::Unrecognized(value));
+            assert_eq!(RefuseCode::from_u16(value).to_u16(), value);
+        }
+        for value in 1..=8 {
+            assert_eq!(RefuseCode::from_u16(value).to_u16(), value);
+        }
+    }
+
+    fn service_name() -> impl Strategy<Value = ServiceName> {
+        "[a-z][a-z0-9_-]{0,62}".prop_map(|s| ServiceName::new(&s).unwrap())
+    }
+
+    fn answer() -> impl Strategy<Value = Answer> {
+        prop_oneof![
+            Just(Answer::Opened),
+            (any::<u16>(), any::<String>()).prop_map(|(code, reason)| {
+                Answer::Refused(Refusal::new(RefuseCode::from_u16(code), &reason))
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn open_round_trips(service in service_name(), tail in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let frame = Open { service };
+            let mut bytes = frame.encode();
+            let len = bytes.len();
+            bytes.extend_from_slice(&tail);
+            prop_assert_eq!(Open::decode(&bytes), Ok(Some((frame, len))));
+        }
+
+        #[test]
+        fn answer_round_trips(answer in answer()) {
+            let bytes = answer.encode();
+            prop_assert_eq!(Answer::decode(&bytes), Ok(Some((answer, bytes.len()))));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_decode_canonically(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            if let Ok(Some((open, used))) = Open::decode(&bytes) {
+                prop_assert_eq!(&open.encode()[..], &bytes[..used]);
+            }
+            if let Ok(Some((answer, used))) = Answer::decode(&bytes) {
+                prop_assert_eq!(&answer.encode()[..], &bytes[..used]);
+            }
+        }
+    }
+}
