@@ -1,0 +1,58 @@
+//! QUIC plumbing shared by the `postern` agent and `postern-broker`.
+//!
+//! Both ends of a tunnel do the same three things with QUIC: configure the transport, read and
+//! write the frames of `postern-proto` on a stream, and relay bytes between a stream and a TCP
+//! connection with half-close. Keeping them here means the two ends cannot drift apart.
+//!
+//! It decides nothing: who may connect and where to is the broker's business.
+
+mod frame_io;
+mod relay;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+
+pub use frame_io::{FrameError, read_frame, write_frame};
+pub use relay::{RelayEnd, Relayed, relay};
+
+/// Transport settings of a tunnel connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// A connection silent for this long is closed. The smaller of the two ends' values is used.
+    pub idle_timeout: Duration,
+    /// Interval of keep-alive packets, which keep the connection (and NAT bindings) alive while
+    /// no data flows. `None` sends none; the agent sends them, the broker need not.
+    pub keep_alive: Option<Duration>,
+    /// Streams the peer may have open at once. quinn allocates state for each up front, so keep
+    /// it small; a peer that needs more waits for a stream to close.
+    pub max_concurrent_streams: u32,
+}
+
+impl Tuning {
+    /// The quinn transport configuration for these settings.
+    pub fn transport_config(&self) -> Arc<TransportConfig> {
+        let mut config = TransportConfig::default();
+        // Durations beyond QUIC's range are capped rather than refused.
+        let idle =
+            IdleTimeout::try_from(self.idle_timeout).unwrap_or(IdleTimeout::from(VarInt::MAX));
+        config
+            .max_idle_timeout(Some(idle))
+            .keep_alive_interval(self.keep_alive)
+            .max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_streams))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .datagram_receive_buffer_size(None);
+        Arc::new(config)
+    }
+}
+
+/// A QUIC application error code for a stream reset or stop.
+pub fn reset_code(code: postern_proto::ResetCode) -> VarInt {
+    VarInt::from_u64(code.to_u64()).unwrap_or(VarInt::MAX)
+}
+
+/// A QUIC application error code for a connection close.
+pub fn close_code(code: postern_proto::CloseCode) -> VarInt {
+    VarInt::from_u64(code.to_u64()).unwrap_or(VarInt::MAX)
+}
