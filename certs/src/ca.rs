@@ -94,6 +94,11 @@ impl ClientCa {
         CaKey::from_pem(cert_pem, key_pem).map(Self)
     }
 
+    /// Loads a client CA from its DER certificate and PEM private key.
+    pub fn from_der(cert: CertificateDer<'static>, key_pem: &str) -> Result<Self, CaError> {
+        CaKey::from_der(cert, key_pem).map(Self)
+    }
+
     /// The CA certificate.
     pub fn certificate(&self) -> &CertificateDer<'static> {
         &self.0.cert
@@ -145,6 +150,11 @@ impl ServerCa {
     /// Loads a server CA from its certificate and private key.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
         CaKey::from_pem(cert_pem, key_pem).map(Self)
+    }
+
+    /// Loads a server CA from its DER certificate and PEM private key.
+    pub fn from_der(cert: CertificateDer<'static>, key_pem: &str) -> Result<Self, CaError> {
+        CaKey::from_der(cert, key_pem).map(Self)
     }
 
     /// The CA certificate.
@@ -220,6 +230,10 @@ impl CaKey {
 
         let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| CaError::BadCertificate(e.to_string()))?;
+        Self::from_der(cert, key_pem)
+    }
+
+    fn from_der(cert: CertificateDer<'static>, key_pem: &str) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(key_pem).map_err(CaError::BadKey)?;
         let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
             .map_err(|e| CaError::BadCertificate(e.to_string()))?;

@@ -58,17 +58,18 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// The broker's TLS configuration: its certificate, optional client authentication through
-/// `verifier`, ALPN `postern/1` and `postern-enroll/1`.
+/// `verifier`, and the ALPN ids it speaks (see [`connection_role`]).
 pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     verifier: Arc<ClientVerifier>,
+    alpn: &[&[u8]],
 ) -> Result<ServerConfig, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(TlsClientVerifier::new(verifier)))
         .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![ALPN_TUNNEL.to_vec(), ALPN_ENROLL.to_vec()];
+    config.alpn_protocols = alpn.iter().map(|id| id.to_vec()).collect();
     config.max_early_data_size = 0;
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(NoServerSessionStorage {});

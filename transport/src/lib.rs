@@ -1,8 +1,9 @@
-//! QUIC plumbing shared by the `postern` agent and `postern-broker`.
+//! Plumbing shared by the `postern` agent and `postern-broker`.
 //!
-//! Both ends of a tunnel do the same three things with QUIC: configure the transport, read and
-//! write the frames of `postern-proto` on a stream, and relay bytes between a stream and a TCP
-//! connection with half-close. Keeping them here means the two ends cannot drift apart.
+//! Both ends of a tunnel do the same things with QUIC: configure the transport, read and write
+//! the frames of `postern-proto` on a stream, and relay bytes between a stream and a TCP
+//! connection with half-close; and both stop on the same signals. Keeping that here means the
+//! two ends cannot drift apart.
 //!
 //! It decides nothing: who may connect and where to is the broker's business.
 
@@ -45,6 +46,22 @@ impl Tuning {
             .datagram_receive_buffer_size(None);
         Arc::new(config)
     }
+}
+
+/// Waits for SIGTERM or Ctrl-C (SIGINT).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// A QUIC application error code for a stream reset or stop.

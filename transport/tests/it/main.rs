@@ -26,8 +26,13 @@ const TUNING: Tuning = Tuning {
 /// A connected QUIC pair on loopback: (client side, server side).
 async fn quic_pair() -> (quinn::Connection, quinn::Connection) {
     let (chain, key) = testdata::server_credential();
-    let tls =
-        postern_certs::server_config(chain, key, Arc::new(testdata::client_verifier())).unwrap();
+    let tls = postern_certs::server_config(
+        chain,
+        key,
+        Arc::new(testdata::client_verifier()),
+        &[postern_proto::ALPN_TUNNEL],
+    )
+    .unwrap();
     let mut server_config =
         quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
     server_config.transport_config(TUNING.transport_config());

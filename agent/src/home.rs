@@ -1,0 +1,162 @@
+//! The agent's home: its identity and any key waiting for a certificate.
+//!
+//! `$POSTERN_HOME`, or `postern` in the platform's configuration folder (`~/.config/postern`
+//! on Linux). The folder is 0700 and every file in it 0600 on Unix.
+
+use std::path::{Path, PathBuf};
+
+use postern_certs::store::{self, StoreError, WriteMode};
+use postern_certs::{Bundle, BundleError, MAX_BUNDLE_LEN, SecretPem};
+
+/// Environment variable naming the agent's home folder.
+pub const HOME_ENV: &str = "POSTERN_HOME";
+
+/// The agent's home folder.
+#[derive(Debug, Clone)]
+pub struct Home {
+    dir: PathBuf,
+}
+
+/// Why the home folder could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    /// No folder could be determined.
+    #[error("cannot find a configuration folder for postern; set {HOME_ENV}")]
+    NoHome,
+    /// Nobody logged in on this device yet.
+    #[error("not logged in: run `postern login --bundle FILE` first")]
+    NotLoggedIn,
+    /// The stored identity is unreadable.
+    #[error("the identity in `{}` is unusable ({source}); run `postern login` again", path.display())]
+    BadIdentity {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: BundleError,
+    },
+    /// A file operation failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The folder could not be created.
+    #[error("cannot create `{}`: {source}", path.display())]
+    CreateDir {
+        /// The folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+impl Home {
+    /// The home named by `$POSTERN_HOME`, or the platform default.
+    pub fn locate() -> Result<Self, HomeError> {
+        match std::env::var_os(HOME_ENV) {
+            Some(dir) if !dir.is_empty() => Ok(Self::at(PathBuf::from(dir))),
+            _ => dirs::config_dir()
+                .map(|dir| Self::at(dir.join("postern")))
+                .ok_or(HomeError::NoHome),
+        }
+    }
+
+    /// A home at `dir`.
+    pub fn at(dir: PathBuf) -> Self {
+        Self { dir }
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the identity (a bundle with its key) is kept.
+    pub fn identity_path(&self) -> PathBuf {
+        self.dir.join("identity.toml")
+    }
+
+    /// Where a key made by `postern csr` waits for its certificate.
+    pub fn pending_key_path(&self) -> PathBuf {
+        self.dir.join("pending.key")
+    }
+
+    /// The stored identity.
+    pub fn identity(&self) -> Result<Bundle, HomeError> {
+        let path = self.identity_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Err(HomeError::NotLoggedIn);
+            }
+            Err(source) => return Err(StoreError::Read { path, source }.into()),
+        };
+        let bundle = Bundle::from_toml(&text).map_err(|source| HomeError::BadIdentity {
+            path: path.clone(),
+            source,
+        })?;
+        if bundle.key.is_none() {
+            return Err(HomeError::BadIdentity {
+                path,
+                source: BundleError::NoKey,
+            });
+        }
+        Ok(bundle)
+    }
+
+    /// Replaces the stored identity.
+    pub fn store_identity(&self, bundle: &Bundle) -> Result<(), HomeError> {
+        self.create()?;
+        store::write_secret(&self.identity_path(), &bundle.to_toml(), WriteMode::Replace)?;
+        Ok(())
+    }
+
+    /// The key made by `postern csr`, if one is waiting.
+    pub fn pending_key(&self) -> Result<Option<SecretPem>, HomeError> {
+        let path = self.pending_key_path();
+        if !path.exists() {
+            return Ok(None);
+        }
+        Ok(Some(store::read_private_key(&path)?.0))
+    }
+
+    /// Keeps a new key until its certificate arrives. Refuses to replace a waiting key.
+    pub fn store_pending_key(&self, key: &SecretPem) -> Result<(), HomeError> {
+        self.create()?;
+        store::write_secret(&self.pending_key_path(), key.expose(), WriteMode::CreateNew)?;
+        Ok(())
+    }
+
+    /// Forgets the waiting key, once its certificate is stored with it.
+    pub fn remove_pending_key(&self) -> Result<(), HomeError> {
+        let path = self.pending_key_path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StoreError::Write { path, source }.into()),
+        }
+    }
+
+    fn create(&self) -> Result<(), HomeError> {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(&self.dir)
+            .map_err(|source| HomeError::CreateDir {
+                path: self.dir.clone(),
+                source,
+            })
+    }
+}
+
+/// Reads a bundle file handed over by an administrator.
+pub fn read_bundle(path: &Path) -> Result<Bundle, anyhow::Error> {
+    use anyhow::Context as _;
+    let metadata =
+        std::fs::metadata(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+    if metadata.len() > MAX_BUNDLE_LEN as u64 {
+        anyhow::bail!("`{}` is too large to be an identity bundle", path.display());
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read `{}`", path.display()))?;
+    Bundle::from_toml(&text).with_context(|| format!("`{}` cannot be used", path.display()))
+}

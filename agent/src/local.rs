@@ -1,0 +1,165 @@
+//! Local listeners: loopback only, and on Linux only for this user's programs.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// Whether the agent may listen on `addr`: loopback addresses only.
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    match addr.ip() {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// Whether the program that connected from `peer` to our `local` address runs as the same user
+/// as this agent. `Ok(None)` where the platform cannot tell.
+pub fn same_user(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<bool>> {
+    #[cfg(target_os = "linux")]
+    {
+        let owner = linux::socket_owner(peer, local)?;
+        let me = rustix::process::geteuid().as_raw();
+        // A connection whose socket cannot be found (closed already) is refused.
+        Ok(Some(owner == Some(me)))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (local, peer);
+        Ok(None)
+    }
+}
+
+#[cfg(any(target_os = "linux", test))]
+mod linux {
+    use super::*;
+
+    /// The uid owning the TCP socket whose local address is `socket_local` and remote address
+    /// is `socket_remote`, read from `/proc/net/tcp` and `/proc/net/tcp6` (this network
+    /// namespace's tables).
+    #[cfg(target_os = "linux")]
+    pub(super) fn socket_owner(
+        socket_local: SocketAddr,
+        socket_remote: SocketAddr,
+    ) -> io::Result<Option<u32>> {
+        if let (SocketAddr::V4(l), SocketAddr::V4(r)) = (socket_local, socket_remote) {
+            let table = std::fs::read_to_string("/proc/net/tcp")?;
+            if let Some(uid) = find_owner(&table, socket_local, socket_remote) {
+                return Ok(Some(uid));
+            }
+            // A dual-stack client socket lists IPv4 peers as mapped IPv6 addresses.
+            let mapped = |a: std::net::SocketAddrV4| {
+                SocketAddr::new(IpAddr::V6(a.ip().to_ipv6_mapped()), a.port())
+            };
+            let table = std::fs::read_to_string("/proc/net/tcp6")?;
+            return Ok(find_owner(&table, mapped(l), mapped(r)));
+        }
+        let table = std::fs::read_to_string("/proc/net/tcp6")?;
+        Ok(find_owner(&table, socket_local, socket_remote))
+    }
+
+    /// Finds the `uid` column of the row for a socket in a `/proc/net/tcp*` table.
+    pub(super) fn find_owner(
+        table: &str,
+        socket_local: SocketAddr,
+        socket_remote: SocketAddr,
+    ) -> Option<u32> {
+        table.lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local, remote, uid) = (fields.get(1)?, fields.get(2)?, fields.get(7)?);
+            (parse_address(local)? == socket_local && parse_address(remote)? == socket_remote)
+                .then(|| uid.parse().ok())
+                .flatten()
+        })
+    }
+
+    /// Parses `0100007F:1F90`: the address as the kernel's in-memory words in hex, the port
+    /// as a number in hex.
+    fn parse_address(field: &str) -> Option<SocketAddr> {
+        let (ip, port) = field.split_once(':')?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        let word = |hex: &str| u32::from_str_radix(hex, 16).ok().map(u32::to_ne_bytes);
+        let ip = match ip.len() {
+            8 => IpAddr::V4(Ipv4Addr::from(word(ip)?)),
+            32 => {
+                let mut bytes = [0u8; 16];
+                for (i, chunk) in bytes.chunks_exact_mut(4).enumerate() {
+                    chunk.copy_from_slice(&word(ip.get(i * 8..i * 8 + 8)?)?);
+                }
+                IpAddr::V6(Ipv6Addr::from(bytes))
+            }
+            _ => return None,
+        };
+        Some(SocketAddr::new(ip, port))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::linux::find_owner;
+    use super::*;
+
+    /// Rows as a little-endian Linux prints them.
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:0D3D 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1001 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:C350 0100007F:0D3D 01 00000000:00000000 00:00000000 00000000  1000        0 1002 1 0000000000000000 20 4 30 10 -1
+   2: 0100007F:0D3D 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 1003 1 0000000000000000 20 4 30 10 -1
+";
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:C351 00000000000000000000000001000000:0D3D 01 00000000:00000000 00:00000000 00000000  65534        0 2001 1 0000000000000000 20 4 30 10 -1
+";
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn finds_the_client_side_row() {
+        let server: SocketAddr = "127.0.0.1:3389".parse().unwrap();
+        let client: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+        assert_eq!(find_owner(TCP, client, server), Some(1000));
+        assert_eq!(
+            find_owner(TCP, server, client),
+            Some(0),
+            "the other direction is the listener's side"
+        );
+        assert_eq!(
+            find_owner(TCP, "127.0.0.1:1".parse().unwrap(), server),
+            None
+        );
+        let v6_client: SocketAddr = "[::1]:50001".parse().unwrap();
+        let v6_server: SocketAddr = "[::1]:3389".parse().unwrap();
+        assert_eq!(find_owner(TCP6, v6_client, v6_server), Some(65534));
+        assert_eq!(find_owner("garbage\n1: x y", client, server), None);
+    }
+
+    #[test]
+    fn only_loopback() {
+        for ok in [
+            "127.0.0.1:993",
+            "127.1.2.3:1",
+            "[::1]:993",
+            "[::ffff:127.0.0.1]:993",
+        ] {
+            assert!(is_loopback(&ok.parse().unwrap()), "{ok}");
+        }
+        for bad in [
+            "0.0.0.0:993",
+            "192.0.2.1:993",
+            "[::]:993",
+            "[2001:db8::1]:993",
+        ] {
+            assert!(!is_loopback(&bad.parse().unwrap()), "{bad}");
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_real_connection_is_ours() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, peer) = listener.accept().unwrap();
+        assert_eq!(
+            same_user(accepted.local_addr().unwrap(), peer).unwrap(),
+            Some(true)
+        );
+        drop(client);
+    }
+}

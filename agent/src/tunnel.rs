@@ -1,0 +1,236 @@
+//! The QUIC connection to the broker, and opening a stream per local connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern_certs::{Bundle, ClientCredential};
+use postern_proto::{ALPN_TUNNEL, Answer, CloseCode, Open, Refusal, ServiceName};
+use postern_transport::{Tuning, read_frame, write_frame};
+use quinn::crypto::rustls::QuicClientConfig;
+use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream};
+use tokio::sync::Mutex;
+use tokio::task::JoinSet;
+use tracing::{debug, info};
+
+/// Transport settings of the agent's connection: keep-alives well inside common NAT and
+/// broker idle timeouts, so that a quiet IMAP IDLE keeps its tunnel.
+pub const TUNING: Tuning = Tuning {
+    idle_timeout: Duration::from_secs(120),
+    keep_alive: Some(Duration::from_secs(15)),
+    // The broker opens no streams towards the agent.
+    max_concurrent_streams: 0,
+};
+
+/// Delay between starting connection attempts to successive broker addresses.
+const ATTEMPT_STAGGER: Duration = Duration::from_millis(250);
+
+/// The connection to the broker, made on first use and remade when it is lost.
+#[derive(Debug)]
+pub struct Tunnel {
+    endpoint: Endpoint,
+    broker: String,
+    server_name: String,
+    connection: Mutex<Option<Connection>>,
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The broker's name did not resolve.
+    #[error("cannot resolve the broker address `{broker}`: {detail}")]
+    Resolve {
+        /// `HOST:PORT` from the identity.
+        broker: String,
+        /// The resolver's error.
+        detail: String,
+    },
+    /// No address of the broker could be connected to.
+    #[error("cannot connect to the broker at {broker}: {detail}")]
+    Connect {
+        /// `HOST:PORT` from the identity.
+        broker: String,
+        /// What went wrong, for people.
+        detail: String,
+    },
+    /// The broker refused the stream.
+    #[error("the broker refused: {0}")]
+    Refused(Refusal),
+    /// The connection failed while opening the stream.
+    #[error("the connection to the broker failed: {0}")]
+    Lost(String),
+    /// The agent could not set up QUIC.
+    #[error("cannot set up the QUIC endpoint: {0}")]
+    Setup(String),
+}
+
+impl Tunnel {
+    /// A tunnel for the identity in `bundle`; nothing is sent until it is used.
+    pub fn new(bundle: &Bundle, credential: ClientCredential) -> Result<Self, TunnelError> {
+        let setup = |e: &dyn std::fmt::Display| TunnelError::Setup(e.to_string());
+        let tls = postern_certs::client_config(&bundle.server_cas, Some(credential), ALPN_TUNNEL)
+            .map_err(|e| setup(&e))?;
+        let quic = QuicClientConfig::try_from(tls).map_err(|e| setup(&e))?;
+        let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
+        client_config.transport_config(TUNING.transport_config());
+        // One dual-stack socket reaches IPv4 and IPv6 addresses of the broker alike.
+        let mut endpoint = Endpoint::client(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
+            .or_else(|_| Endpoint::client(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))))
+            .map_err(|e| setup(&e))?;
+        endpoint.set_default_client_config(client_config);
+        Ok(Self {
+            endpoint,
+            broker: bundle.broker.clone(),
+            server_name: bundle.server_name.clone(),
+            connection: Mutex::new(None),
+        })
+    }
+
+    /// `HOST:PORT` of the broker.
+    pub fn broker(&self) -> &str {
+        &self.broker
+    }
+
+    /// The live connection, connecting first if there is none.
+    pub async fn connection(&self) -> Result<Connection, TunnelError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Ok(connection.clone());
+        }
+        let connection = self.connect().await?;
+        info!(broker = %self.broker, remote = %connection.remote_address(), "connected to the broker");
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Opens a stream to `service` and waits for the broker's answer.
+    pub async fn open(
+        &self,
+        service: &ServiceName,
+    ) -> Result<(SendStream, RecvStream), TunnelError> {
+        let mut retried = false;
+        loop {
+            let connection = self.connection().await?;
+            match self.try_open(&connection, service).await {
+                Err(TunnelError::Lost(_)) if !retried && connection.close_reason().is_some() => {
+                    // The connection died (broker restart, network change): make a new one once.
+                    debug!("connection lost; reconnecting");
+                    retried = true;
+                }
+                Err(TunnelError::Lost(detail)) => {
+                    let detail = connection
+                        .close_reason()
+                        .map_or(detail, |reason| explain(&reason));
+                    return Err(TunnelError::Lost(detail));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Closes the connection and waits briefly for the broker to learn of it.
+    pub async fn close(&self) {
+        self.endpoint.close(
+            postern_transport::close_code(CloseCode::Normal),
+            b"agent stopped",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
+    async fn try_open(
+        &self,
+        connection: &Connection,
+        service: &ServiceName,
+    ) -> Result<(SendStream, RecvStream), TunnelError> {
+        let lost = |e: &dyn std::fmt::Display| TunnelError::Lost(e.to_string());
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| lost(&e))?;
+        write_frame(
+            &mut send,
+            &Open {
+                service: service.clone(),
+            },
+        )
+        .await
+        .map_err(|e| lost(&e))?;
+        match read_frame::<Answer>(&mut recv).await {
+            Ok(Answer::Opened) => Ok((send, recv)),
+            Ok(Answer::Refused(refusal)) => Err(TunnelError::Refused(refusal)),
+            Err(err) => Err(lost(&err)),
+        }
+    }
+
+    /// Connects to every address the broker's name resolves to, staggered, and keeps the first
+    /// that completes the handshake.
+    async fn connect(&self) -> Result<Connection, TunnelError> {
+        let addresses: Vec<SocketAddr> = tokio::net::lookup_host(self.broker.as_str())
+            .await
+            .map_err(|e| TunnelError::Resolve {
+                broker: self.broker.clone(),
+                detail: e.to_string(),
+            })?
+            .collect();
+        if addresses.is_empty() {
+            let detail = "the name resolves to no address".to_owned();
+            return Err(TunnelError::Resolve {
+                broker: self.broker.clone(),
+                detail,
+            });
+        }
+        let mut attempts = JoinSet::new();
+        for (index, address) in addresses.iter().copied().enumerate() {
+            let connecting = self.endpoint.connect(address, &self.server_name);
+            let delay = ATTEMPT_STAGGER * u32::try_from(index).unwrap_or(u32::MAX);
+            attempts.spawn(async move {
+                tokio::time::sleep(delay).await;
+                match connecting {
+                    Ok(connecting) => connecting.await.map_err(|e| (address, explain(&e))),
+                    Err(e) => Err((address, e.to_string())),
+                }
+            });
+        }
+        let mut failures = Vec::new();
+        while let Some(result) = attempts.join_next().await {
+            match result {
+                Ok(Ok(connection)) => return Ok(connection),
+                Ok(Err((address, detail))) => failures.push(format!("{address}: {detail}")),
+                Err(join) => failures.push(join.to_string()),
+            }
+        }
+        Err(TunnelError::Connect {
+            broker: self.broker.clone(),
+            detail: failures.join("; "),
+        })
+    }
+}
+
+/// What a connection error means for the person at the keyboard.
+pub fn explain(error: &ConnectionError) -> String {
+    match error {
+        ConnectionError::ConnectionClosed(close) => {
+            let code = u64::from(close.error_code);
+            match code.checked_sub(0x100).filter(|alert| *alert < 0x100) {
+                Some(42 | 43 | 46) => "the broker refused this device's certificate; run `postern login` to get a new one".into(),
+                Some(45) => "the broker says this device's certificate has expired; run `postern login` to get a new one".into(),
+                Some(48) => "the broker does not know the CA of this device's certificate (was it issued by another broker?); run `postern login`".into(),
+                Some(116) => "the broker requires a client certificate; run `postern login`".into(),
+                Some(120) => "the broker does not speak this agent's protocol version; update postern".into(),
+                _ => format!("the broker closed the connection: {close}"),
+            }
+        }
+        ConnectionError::ApplicationClosed(close) => {
+            let code = CloseCode::from_u64(close.error_code.into_inner());
+            let reason = String::from_utf8_lossy(&close.reason);
+            match code {
+                CloseCode::IdentityRequired => format!("the broker did not accept this device's certificate ({reason}); run `postern login`"),
+                CloseCode::ShuttingDown => "the broker is shutting down; the agent reconnects on the next connection".into(),
+                other => format!("the broker closed the connection: {other} ({reason})"),
+            }
+        }
+        ConnectionError::TransportError(err) if err.reason.contains("certificate") => format!(
+            "the broker's certificate is not the one this identity trusts ({}); check the broker address or get a new bundle",
+            err.reason
+        ),
+        ConnectionError::TimedOut => "the broker did not answer; check the address and that its UDP port is reachable from here".into(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,255 @@
+//! `postern up`: local listeners, one tunnel stream per accepted connection.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use postern_certs::Bundle;
+use postern_proto::ServiceName;
+use postern_transport::{RelayEnd, relay};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::local;
+use crate::tunnel::{Tunnel, TunnelError};
+
+/// A running agent: listeners bound, tunnel ready.
+#[derive(Debug)]
+pub struct Agent {
+    tunnel: Arc<Tunnel>,
+    listeners: Vec<(ServiceName, TcpListener)>,
+    shutdown: CancellationToken,
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    /// The identity cannot be used.
+    #[error("{0}")]
+    Identity(String),
+    /// The certificate has expired.
+    #[error("this device's certificate expired at {0}; run `postern login` to get a new one")]
+    Expired(String),
+    /// A `--listen` option is invalid.
+    #[error("{0}")]
+    Listen(String),
+    /// A local port could not be bound.
+    #[error("cannot listen on {addr} for `{service}`: {source}{hint}")]
+    Bind {
+        /// The service.
+        service: ServiceName,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+        /// What to do about it.
+        hint: String,
+    },
+    /// QUIC could not be set up.
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+}
+
+impl Agent {
+    /// Binds a listener for each service of `identity` (on 127.0.0.1 and its port, unless
+    /// `overrides` names another loopback address) and prepares the tunnel.
+    pub async fn start(
+        identity: &Bundle,
+        overrides: &[(ServiceName, SocketAddr)],
+        now: SystemTime,
+    ) -> Result<Self, UpError> {
+        let certificate = identity
+            .inspect()
+            .map_err(|e| UpError::Identity(e.to_string()))?;
+        if certificate.not_after < now {
+            return Err(UpError::Expired(postern_certs::rfc3339(
+                certificate.not_after,
+            )));
+        }
+        let credential = identity
+            .credential()
+            .map_err(|e| UpError::Identity(e.to_string()))?;
+        for (service, addr) in overrides {
+            if !identity.services.contains_key(service) {
+                let known: Vec<_> = identity.services.keys().map(ToString::to_string).collect();
+                return Err(UpError::Listen(format!(
+                    "--listen names `{service}`, which the broker does not offer (it offers: {})",
+                    known.join(", ")
+                )));
+            }
+            if !local::is_loopback(addr) {
+                return Err(UpError::Listen(format!(
+                    "--listen {service}={addr}: the agent listens on loopback addresses only (127.0.0.0/8, ::1), so that no other machine can use your tunnel"
+                )));
+            }
+        }
+
+        let mut listeners = Vec::new();
+        for (service, details) in &identity.services {
+            let addr = overrides.iter().find(|(name, _)| name == service).map_or(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, details.port)),
+                |(_, addr)| *addr,
+            );
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| UpError::Bind {
+                    hint: bind_hint(&source, service, addr),
+                    service: service.clone(),
+                    addr,
+                    source,
+                })?;
+            listeners.push((service.clone(), listener));
+        }
+        let tunnel = Arc::new(Tunnel::new(identity, credential)?);
+        Ok(Self {
+            tunnel,
+            listeners,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// Each service and the local address it is served on.
+    pub fn addresses(&self) -> Vec<(ServiceName, SocketAddr)> {
+        self.listeners
+            .iter()
+            .filter_map(|(service, listener)| {
+                listener
+                    .local_addr()
+                    .ok()
+                    .map(|addr| (service.clone(), addr))
+            })
+            .collect()
+    }
+
+    /// Cancelling this token stops the agent: listeners close, open connections are cut.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves local connections until shut down.
+    pub async fn run(self) {
+        let Agent {
+            tunnel,
+            listeners,
+            shutdown,
+        } = self;
+        if let Err(err) = tunnel.connection().await {
+            warn!("{err}; trying again when a program connects");
+        }
+        let tasks = TaskTracker::new();
+        for (service, listener) in listeners {
+            let (tunnel, shutdown, sessions) = (tunnel.clone(), shutdown.clone(), tasks.clone());
+            tasks.spawn(accept_loop(service, listener, tunnel, shutdown, sessions));
+        }
+        shutdown.cancelled().await;
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+        tunnel.close().await;
+    }
+}
+
+async fn accept_loop(
+    service: ServiceName,
+    listener: TcpListener,
+    tunnel: Arc<Tunnel>,
+    shutdown: CancellationToken,
+    sessions: TaskTracker,
+) {
+    let local = listener.local_addr().ok();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    warn!(%service, error = %err, "cannot accept a local connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let span = info_span!("local", %service, client.addr = %peer);
+        let (tunnel, shutdown, service) = (tunnel.clone(), shutdown.clone(), service.clone());
+        sessions.spawn(
+            async move { serve_local(stream, local, peer, &service, &tunnel, &shutdown).await }
+                .instrument(span),
+        );
+    }
+}
+
+async fn serve_local(
+    mut stream: TcpStream,
+    local: Option<SocketAddr>,
+    peer: SocketAddr,
+    service: &ServiceName,
+    tunnel: &Tunnel,
+    shutdown: &CancellationToken,
+) {
+    let local = local.or_else(|| stream.local_addr().ok());
+    if let Some(local) = local {
+        match local::same_user(local, peer) {
+            Ok(Some(true)) | Ok(None) => {}
+            Ok(Some(false)) => {
+                warn!(
+                    "refused a connection from a program of another user: only this user's programs may use this tunnel"
+                );
+                return;
+            }
+            Err(err) => {
+                warn!(error = %err, "cannot tell which user connected; refusing the connection");
+                return;
+            }
+        }
+    }
+    // Without it an interactive protocol can stall on Nagle's algorithm and delayed ACKs.
+    let _ = stream.set_nodelay(true);
+    let (send, recv) = match tunnel.open(service).await {
+        Ok(streams) => streams,
+        Err(TunnelError::Refused(refusal)) => {
+            warn!(code = %refusal.code(), "the broker refused `{service}`: {}", refusal.reason());
+            let _ = stream.shutdown().await;
+            return;
+        }
+        Err(err) => {
+            error!("{err}");
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    debug!("tunnel open");
+    let relayed = relay(send, recv, stream, shutdown).await;
+    match relayed.end {
+        RelayEnd::Closed | RelayEnd::Cancelled => {
+            debug!(
+                bytes.sent = relayed.to_quic,
+                bytes.received = relayed.from_quic,
+                "closed"
+            )
+        }
+        other => info!(
+            bytes.sent = relayed.to_quic,
+            bytes.received = relayed.from_quic,
+            end = other.as_str(),
+            "connection ended abnormally"
+        ),
+    }
+}
+
+fn bind_hint(error: &std::io::Error, service: &ServiceName, addr: SocketAddr) -> String {
+    let elsewhere = format!("use another port with `--listen {service}=127.0.0.1:PORT`");
+    match error.kind() {
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
+            "\nPorts below 1024 need privileges. Either {elsewhere}, or allow it once with \
+             `sudo setcap cap_net_bind_service=+ep $(command -v postern)` (Linux), or lower \
+             `net.ipv4.ip_unprivileged_port_start` with sysctl."
+        ),
+        std::io::ErrorKind::AddrInUse => {
+            format!("\nAnother program uses this port: stop it, or {elsewhere}.")
+        }
+        _ => String::new(),
+    }
+}

@@ -1,0 +1,262 @@
+//! The `postern-broker` command line.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::audit::Audit;
+use crate::config::{self, Config};
+use crate::init::{InitOptions, init};
+use crate::issue::{IssueFailure, IssueOptions, issue};
+use crate::serve::{Broker, StartError};
+
+/// Exit code for bad configuration or usage (EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// The Postern broker: the one UDP port between devices and private mail servers.
+///
+/// It accepts QUIC connections from `postern` agents that hold a certificate it issued, asks
+/// its Cedar policies about every connection, forwards to the services in its configuration,
+/// and writes an audit trail.
+#[derive(Debug, Parser)]
+#[command(name = "postern-broker", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a broker folder: CAs, server certificate, a documented broker.toml and a starting
+    /// policy. Never overwrites an existing setup.
+    Init {
+        /// Folder to create.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Name agents will use to reach the broker (DNS name or IP address).
+        #[arg(long)]
+        hostname: String,
+        /// UDP address to listen on.
+        #[arg(long, default_value = config::DEFAULT_LISTEN)]
+        listen: String,
+        /// A service agents may reach, as NAME=HOST:PORT (repeat for several), such as
+        /// `imap=mail.internal:993`.
+        #[arg(long = "service", value_name = "NAME=HOST:PORT", required = true)]
+        services: Vec<String>,
+    },
+    /// Run the broker until SIGTERM or Ctrl-C (a second one cuts open sessions at once).
+    Serve {
+        /// The broker's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Issue an identity bundle for a headless machine or break-glass use. Nobody logs in: the
+    /// certificate is marked `issuance=admin` so that policy can tell it apart.
+    Issue {
+        /// The broker's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The user's email address.
+        #[arg(long, value_name = "EMAIL")]
+        user: String,
+        /// A group to name in the certificate (repeat for several).
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
+        /// How long the certificate is valid, such as `8h`; at most `pki.max_cert_lifetime`.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Sign the key of this PEM signing request (made with `postern csr`) instead of making
+        /// a key here; the bundle then holds no key.
+        #[arg(long, value_name = "FILE")]
+        csr: Option<PathBuf>,
+        /// Where to write the bundle. It must not exist.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+/// A failure with the exit code it maps to.
+#[derive(Debug)]
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+/// Runs the command line given by `args` and returns the process exit code.
+pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_tracing();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("postern-broker: error: {:#}", failure.error);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Init {
+            dir,
+            hostname,
+            listen,
+            services,
+        } => {
+            let options = InitOptions {
+                dir,
+                hostname,
+                listen,
+                services,
+            };
+            let config_path = init(&options, SystemTime::now()).map_err(config_failure)?;
+            print_init_summary(&options, &config_path);
+            Ok(())
+        }
+        Command::Serve { config } => serve(&config),
+        Command::Issue {
+            config,
+            user,
+            groups,
+            ttl,
+            csr,
+            out,
+        } => {
+            let config = Config::load(&config).map_err(config_failure)?;
+            let audit = Audit::open(&config.audit)
+                .with_context(|| {
+                    format!("cannot open the audit trail of `{}`", config.path.display())
+                })
+                .map_err(|error| Failure {
+                    code: EXIT_CONFIG,
+                    error,
+                })?;
+            let options = IssueOptions {
+                user,
+                groups,
+                ttl,
+                csr,
+                out,
+            };
+            let issued =
+                issue(&config, &options, &audit, SystemTime::now()).map_err(|err| match err {
+                    IssueFailure::Invalid(_) | IssueFailure::Store(_) => config_failure(err),
+                    other => Failure {
+                        code: 1,
+                        error: other.into(),
+                    },
+                })?;
+            println!(
+                "Issued a certificate for {} (admin issuance), valid until {}, serial {}.",
+                issued.identity.display_name(),
+                postern_certs::rfc3339(issued.not_after),
+                issued.serial
+            );
+            if issued.with_key {
+                println!(
+                    "Wrote {} (mode 0600). It holds a private key: hand it over securely.",
+                    options.out.display()
+                );
+            } else {
+                println!(
+                    "Wrote {} for the key of {}.",
+                    options.out.display(),
+                    options
+                        .csr
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new(""))
+                        .display()
+                );
+            }
+            println!(
+                "On the device:  postern login --bundle {}  &&  postern up",
+                options.out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn serve(config_path: &std::path::Path) -> Result<(), Failure> {
+    let config = Config::load(config_path).map_err(config_failure)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .map_err(|error| Failure { code: 1, error })?;
+    runtime.block_on(async {
+        let broker = Broker::start(config).map_err(|err: StartError| config_failure(err))?;
+        let shutdown = broker.shutdown_token();
+        let abort = broker.abort_token();
+        tokio::spawn(async move {
+            postern_transport::shutdown_signal().await;
+            tracing::info!("shutdown requested; a second signal cuts open sessions");
+            shutdown.cancel();
+            postern_transport::shutdown_signal().await;
+            abort.cancel();
+        });
+        broker.run().await;
+        Ok(())
+    })
+}
+
+fn print_init_summary(options: &InitOptions, config_path: &std::path::Path) {
+    let dir = options.dir.display();
+    let config = config_path.display();
+    let port = options
+        .listen
+        .parse::<std::net::SocketAddr>()
+        .map(|a| a.port())
+        .unwrap_or(4433);
+    println!("Created a Postern broker in {dir}:");
+    println!("  {config}   settings, each documented with its default");
+    println!("  {dir}/pki/           CAs and the server certificate (keys are mode 0600)");
+    println!(
+        "  {dir}/policies/      Cedar policies; default.cedar lets any valid certificate reach any service"
+    );
+    println!();
+    println!("Next:");
+    println!("  1. Start the broker:   postern-broker serve --config {config}");
+    println!(
+        "  2. Let agents reach UDP port {port} on {}.",
+        options.hostname
+    );
+    println!("  3. Issue an identity for a machine or for break-glass use:");
+    println!(
+        "       postern-broker issue --config {config} --user someone@example.org --out someone.bundle"
+    );
+    println!("     and on that device:  postern login --bundle someone.bundle && postern up");
+    println!(
+        "  4. Keep {dir}/pki/server-ca.key offline once you no longer need it to renew the server certificate."
+    );
+}
+
+fn config_failure(error: impl Into<anyhow::Error>) -> Failure {
+    Failure {
+        code: EXIT_CONFIG,
+        error: error.into(),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,638 @@
+//! `broker.toml`: parsed into valid types before anything binds a socket.
+//!
+//! Every setting and its default is documented in the template `postern-broker init` writes
+//! (see [`template`]); the defaults here and there are the same constants.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use postern_proto::ServiceName;
+use serde::Deserialize;
+
+/// Default UDP address of the QUIC endpoint.
+pub const DEFAULT_LISTEN: &str = "[::]:4433";
+/// Default clock skew tolerated when checking certificate validity.
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// Default cap on certificate lifetime, for verification and for `postern-broker issue`.
+pub const DEFAULT_MAX_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Default time allowed to connect to a service.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time an agent has to name the service on a new stream.
+pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default idle timeout of a QUIC connection.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default number of streams an agent may have open on one connection.
+pub const DEFAULT_MAX_STREAMS: u32 = 256;
+/// Default time sessions get to finish on shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The broker's validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from; relative paths in it are resolved against its folder.
+    pub path: PathBuf,
+    /// Name agents use for the broker; its server certificate is issued for it.
+    pub hostname: String,
+    /// UDP address of the QUIC endpoint.
+    pub listen: SocketAddr,
+    /// `HOST:PORT` written into identity bundles for agents to dial.
+    pub public_address: String,
+    /// Certificates and keys.
+    pub pki: Pki,
+    /// Folder of Cedar policies.
+    pub policy_dir: PathBuf,
+    /// Where audit events go.
+    pub audit: AuditTarget,
+    /// Timeouts and limits.
+    pub limits: Limits,
+    /// The services agents may reach, and nothing else.
+    pub services: BTreeMap<ServiceName, ServiceConfig>,
+}
+
+/// Paths and limits of the broker's certificates.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    /// The server certificate chain presented to agents.
+    pub server_cert: PathBuf,
+    /// Its key.
+    pub server_key: PathBuf,
+    /// CA certificates agents trust for this broker (put into bundles).
+    pub server_ca: PathBuf,
+    /// CA certificates whose client certificates are accepted.
+    pub client_ca: PathBuf,
+    /// Key of the CA that signs new client certificates.
+    pub client_ca_key: PathBuf,
+    /// Clock skew tolerated.
+    pub max_clock_skew: Duration,
+    /// Longest certificate lifetime accepted and issued.
+    pub max_cert_lifetime: Duration,
+}
+
+/// Where audit events are written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditTarget {
+    /// Appended to a file.
+    File(PathBuf),
+    /// Written to standard output.
+    Stdout,
+}
+
+/// Timeouts and limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Time allowed to connect to a service.
+    pub connect_timeout: Duration,
+    /// Time an agent has to send `Open` on a new stream.
+    pub open_timeout: Duration,
+    /// Idle timeout of QUIC connections.
+    pub idle_timeout: Duration,
+    /// Streams an agent may have open on one connection.
+    pub max_streams_per_connection: u32,
+    /// Time sessions get to finish on shutdown before they are cut.
+    pub shutdown_grace: Duration,
+}
+
+/// A service agents may reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Host (name or address) the broker connects to.
+    pub host: String,
+    /// Port the broker connects to.
+    pub port: u16,
+    /// How the broker treats the bytes. Only `tcp` (opaque) exists so far.
+    pub protocol: Protocol,
+    /// Port the agent listens on locally by default.
+    pub local_port: u16,
+    /// Free-form tags, visible to policy as `resource.tags`.
+    pub tags: Vec<String>,
+}
+
+/// How a service's bytes are handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Bytes are forwarded as they are.
+    Tcp,
+}
+
+/// Why a configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read `{}`: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or missing keys.
+    #[error("`{}`: {message}", path.display())]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A setting has an invalid value.
+    #[error("`{}`: `{key}` {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The setting, such as `services.imap.address`.
+        key: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    broker: RawBroker,
+    pki: RawPki,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
+    audit: RawAudit,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    services: BTreeMap<String, RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBroker {
+    hostname: String,
+    listen: Option<String>,
+    public_address: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPki {
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    server_ca: PathBuf,
+    client_ca: PathBuf,
+    client_ca_key: PathBuf,
+    max_clock_skew: Option<String>,
+    max_cert_lifetime: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    path: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    connect_timeout: Option<String>,
+    open_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_streams_per_connection: Option<u32>,
+    shutdown_grace: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    address: String,
+    protocol: Option<String>,
+    local_port: Option<u16>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates configuration text that was read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let duration = |key: &str, value: Option<&str>, default: Duration| match value {
+            None => Ok(default),
+            Some(text) => match humantime::parse_duration(text) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                Ok(_) => Err(invalid(key, "must be longer than zero".into())),
+                Err(e) => Err(invalid(
+                    key,
+                    format!("is not a duration such as \"30s\" or \"8h\": {e}"),
+                )),
+            },
+        };
+
+        let hostname = raw.broker.hostname;
+        if rustls_pki_types::ServerName::try_from(hostname.as_str()).is_err() {
+            return Err(invalid(
+                "broker.hostname",
+                format!("`{hostname}` is not a DNS name or IP address"),
+            ));
+        }
+        let listen_text = raw.broker.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            invalid(
+                "broker.listen",
+                format!("`{listen_text}` is not an address such as \"[::]:4433\""),
+            )
+        })?;
+        let public_address = match raw.broker.public_address {
+            Some(address) => {
+                split_host_port(&address).map_err(|m| invalid("broker.public_address", m))?;
+                address
+            }
+            None => join_host_port(&hostname, listen.port()),
+        };
+
+        let pki = Pki {
+            server_cert: base.join(raw.pki.server_cert),
+            server_key: base.join(raw.pki.server_key),
+            server_ca: base.join(raw.pki.server_ca),
+            client_ca: base.join(raw.pki.client_ca),
+            client_ca_key: base.join(raw.pki.client_ca_key),
+            max_clock_skew: duration(
+                "pki.max_clock_skew",
+                raw.pki.max_clock_skew.as_deref(),
+                DEFAULT_MAX_CLOCK_SKEW,
+            )?,
+            max_cert_lifetime: duration(
+                "pki.max_cert_lifetime",
+                raw.pki.max_cert_lifetime.as_deref(),
+                DEFAULT_MAX_CERT_LIFETIME,
+            )?,
+        };
+
+        let audit = match raw.audit.path.as_deref() {
+            None => AuditTarget::File(base.join("audit.jsonl")),
+            Some("-") => AuditTarget::Stdout,
+            Some("") => {
+                return Err(invalid(
+                    "audit.path",
+                    "must name a file, or be \"-\" for standard output".into(),
+                ));
+            }
+            Some(file) => AuditTarget::File(base.join(file)),
+        };
+
+        let max_streams = raw
+            .limits
+            .max_streams_per_connection
+            .unwrap_or(DEFAULT_MAX_STREAMS);
+        if !(1..=4096).contains(&max_streams) {
+            return Err(invalid(
+                "limits.max_streams_per_connection",
+                "must be between 1 and 4096".into(),
+            ));
+        }
+        let limits = Limits {
+            connect_timeout: duration(
+                "limits.connect_timeout",
+                raw.limits.connect_timeout.as_deref(),
+                DEFAULT_CONNECT_TIMEOUT,
+            )?,
+            open_timeout: duration(
+                "limits.open_timeout",
+                raw.limits.open_timeout.as_deref(),
+                DEFAULT_OPEN_TIMEOUT,
+            )?,
+            idle_timeout: duration(
+                "limits.idle_timeout",
+                raw.limits.idle_timeout.as_deref(),
+                DEFAULT_IDLE_TIMEOUT,
+            )?,
+            max_streams_per_connection: max_streams,
+            shutdown_grace: duration(
+                "limits.shutdown_grace",
+                raw.limits.shutdown_grace.as_deref(),
+                DEFAULT_SHUTDOWN_GRACE,
+            )?,
+        };
+
+        if raw.services.is_empty() {
+            return Err(invalid(
+                "services",
+                "names no service: add at least one `[services.NAME]` table".into(),
+            ));
+        }
+        let mut services = BTreeMap::new();
+        for (name, service) in raw.services {
+            let key = |field: &str| format!("services.{name}{field}");
+            let service_name =
+                ServiceName::new(&name).map_err(|e| invalid(&key(""), e.to_string()))?;
+            let (host, port) =
+                split_host_port(&service.address).map_err(|m| invalid(&key(".address"), m))?;
+            let protocol = match service.protocol.as_deref().unwrap_or("tcp") {
+                "tcp" => Protocol::Tcp,
+                other => {
+                    return Err(invalid(
+                        &key(".protocol"),
+                        format!("`{other}` is not a known protocol (known: \"tcp\")"),
+                    ));
+                }
+            };
+            let local_port = service.local_port.unwrap_or(port);
+            if local_port == 0 {
+                return Err(invalid(
+                    &key(".local_port"),
+                    "must be a port from 1 to 65535".into(),
+                ));
+            }
+            if let Some(tag) = service
+                .tags
+                .iter()
+                .find(|t| t.is_empty() || t.chars().any(char::is_control))
+            {
+                return Err(invalid(
+                    &key(".tags"),
+                    format!("holds an empty or unprintable tag {tag:?}"),
+                ));
+            }
+            services.insert(
+                service_name,
+                ServiceConfig {
+                    host,
+                    port,
+                    protocol,
+                    local_port,
+                    tags: service.tags,
+                },
+            );
+        }
+
+        Ok(Config {
+            path: path.to_owned(),
+            hostname,
+            listen,
+            public_address,
+            pki,
+            policy_dir: base.join(raw.policy.dir.unwrap_or_else(|| PathBuf::from("policies"))),
+            audit,
+            limits,
+            services,
+        })
+    }
+}
+
+impl Protocol {
+    /// The name used in configuration and policy.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// Splits `HOST:PORT` (IPv6 in brackets) into a host and a non-zero port.
+pub fn split_host_port(address: &str) -> Result<(String, u16), String> {
+    let expected = || {
+        format!("`{address}` is not `HOST:PORT` (IPv6 addresses in brackets, such as `[::1]:993`)")
+    };
+    let (host, port) = address.rsplit_once(':').ok_or_else(expected)?;
+    let host = match host.strip_prefix('[') {
+        Some(inner) => inner
+            .strip_suffix(']')
+            .filter(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
+            .ok_or_else(expected)?,
+        None if host.contains(':') => return Err(expected()),
+        None => host,
+    };
+    let port: u16 = port.parse().ok().filter(|&p| p != 0).ok_or_else(expected)?;
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(expected());
+    }
+    Ok((host.to_owned(), port))
+}
+
+/// Joins a host and a port as `HOST:PORT`, bracketing IPv6 addresses.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The commented `broker.toml` that `postern-broker init` writes.
+pub fn template(hostname: &str, listen: &str, services: &[(ServiceName, String, u16)]) -> String {
+    let mut text = format!(
+        r#"# postern-broker configuration, written by `postern-broker init`.
+# Relative paths are resolved against the folder of this file.
+# Every setting shows its default; commented-out settings are at their default.
+
+[broker]
+# Name agents use to reach this broker. The server certificate is issued for it.
+hostname = "{hostname}"
+# UDP address of the QUIC endpoint. Default: "{DEFAULT_LISTEN}".
+listen = "{listen}"
+# Address written into identity bundles for agents to dial.
+# Default: the hostname and the port of `listen`.
+# public_address = "{hostname}:4433"
+
+[pki]
+# Certificate chain and key this broker presents to agents.
+server_cert = "pki/server.pem"
+server_key = "pki/server.key"
+# CA certificates agents trust for this broker; handed out in bundles. Several during a rotation.
+server_ca = "pki/server-ca.pem"
+# CA certificates whose client certificates are accepted. Several during a rotation.
+client_ca = "pki/client-ca.pem"
+# Key of the CA that signs new client certificates; it must belong to a certificate in `client_ca`.
+client_ca_key = "pki/client-ca.key"
+# Clock difference tolerated when checking validity. Default: "60s".
+# max_clock_skew = "60s"
+# Longest certificate lifetime accepted and issued (`postern-broker issue --ttl`). Default: "24h".
+# max_cert_lifetime = "24h"
+
+[policy]
+# Folder of Cedar policies (*.cedar), checked against the schema at start. Default: "policies".
+# dir = "policies"
+
+[audit]
+# Where audit events go, one JSON object per line: a file, or "-" for standard output.
+# Default: "audit.jsonl".
+# path = "audit.jsonl"
+
+[limits]
+# Time allowed to connect to a service. Default: "{connect}".
+# connect_timeout = "{connect}"
+# Time an agent has to name the service on a new stream. Default: "{open}".
+# open_timeout = "{open}"
+# A QUIC connection silent this long is closed (agents send keep-alives). Default: "{idle}".
+# idle_timeout = "{idle}"
+# Streams (forwarded connections) an agent may have open at once. Default: {DEFAULT_MAX_STREAMS}.
+# max_streams_per_connection = {DEFAULT_MAX_STREAMS}
+# On shutdown, time open sessions get to finish before they are cut. Default: "{grace}".
+# shutdown_grace = "{grace}"
+"#,
+        connect = humantime::format_duration(DEFAULT_CONNECT_TIMEOUT),
+        open = humantime::format_duration(DEFAULT_OPEN_TIMEOUT),
+        idle = humantime::format_duration(DEFAULT_IDLE_TIMEOUT),
+        grace = humantime::format_duration(DEFAULT_SHUTDOWN_GRACE),
+    );
+    for (name, address, port) in services {
+        text.push_str(&format!(
+            r#"
+# The broker connects only to the services listed here, never to an address an agent names.
+[services.{name}]
+# HOST:PORT the broker connects to.
+address = "{address}"
+# How bytes are handled: "tcp" forwards them unchanged. Default: "tcp".
+# protocol = "tcp"
+# Port the agent listens on, on the loopback address, by default. Default: the port of `address`.
+# local_port = {port}
+# Free-form tags that policies can test as `resource.tags`. Default: [].
+# tags = []
+"#
+        ));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/postern/broker.toml"))
+    }
+
+    fn sample() -> String {
+        template(
+            "gw.example.org",
+            "[::]:4433",
+            &[(
+                ServiceName::new("imap").unwrap(),
+                "mail.internal:993".into(),
+                993,
+            )],
+        )
+    }
+
+    #[test]
+    fn the_template_parses_to_the_defaults() {
+        let config = parse(&sample()).unwrap();
+        assert_eq!(config.listen, "[::]:4433".parse().unwrap());
+        assert_eq!(config.public_address, "gw.example.org:4433");
+        assert_eq!(
+            config.pki.server_key,
+            Path::new("/etc/postern/pki/server.key")
+        );
+        assert_eq!(config.policy_dir, Path::new("/etc/postern/policies"));
+        assert_eq!(
+            config.audit,
+            AuditTarget::File("/etc/postern/audit.jsonl".into())
+        );
+        assert_eq!(config.pki.max_cert_lifetime, DEFAULT_MAX_CERT_LIFETIME);
+        assert_eq!(config.limits.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        let imap = &config.services[&ServiceName::new("imap").unwrap()];
+        assert_eq!(
+            (imap.host.as_str(), imap.port, imap.local_port),
+            ("mail.internal", 993, 993)
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (
+                "listen = \"[::]:4433\"",
+                "listen = \"nowhere\"",
+                "`broker.listen`",
+            ),
+            (
+                "address = \"mail.internal:993\"",
+                "address = \"mail.internal\"",
+                "`services.imap.address`",
+            ),
+            (
+                "address = \"mail.internal:993\"",
+                "address = \"mail.internal:0\"",
+                "`services.imap.address`",
+            ),
+            (
+                "# protocol = \"tcp\"",
+                "protocol = \"smtp\"",
+                "`services.imap.protocol`",
+            ),
+            (
+                "# shutdown_grace = \"30s\"",
+                "shutdown_grace = \"soon\"",
+                "`limits.shutdown_grace`",
+            ),
+            (
+                "# max_clock_skew = \"60s\"",
+                "max_clock_skew = \"0s\"",
+                "`pki.max_clock_skew`",
+            ),
+            ("[services.imap]", "[services.IMAP]", "`services.IMAP`"),
+            (
+                "hostname = \"gw.example.org\"",
+                "hostname = \"gw example\"",
+                "`broker.hostname`",
+            ),
+            (
+                "# dir = \"policies\"",
+                "directory = \"policies\"",
+                "unknown field `directory`",
+            ),
+        ];
+        for (from, to, expected) in cases {
+            let text = sample().replace(from, to);
+            assert_ne!(text, sample(), "{from} is in the template");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{to}: {err}");
+            assert!(err.starts_with("`/etc/postern/broker.toml`"), "{err}");
+        }
+    }
+
+    #[test]
+    fn at_least_one_service() {
+        let text = sample();
+        let without = &text[..text.find("\n# The broker connects only").unwrap()];
+        assert!(
+            parse(without)
+                .unwrap_err()
+                .to_string()
+                .contains("`services`")
+        );
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(split_host_port("[::1]:993"), Ok(("::1".into(), 993)));
+        assert_eq!(
+            split_host_port("127.0.0.1:143"),
+            Ok(("127.0.0.1".into(), 143))
+        );
+        assert!(split_host_port("::1:993").is_err());
+        assert!(split_host_port("[mail]:993").is_err());
+        assert!(split_host_port(":993").is_err());
+        assert_eq!(join_host_port("::1", 4433), "[::1]:4433");
+    }
+}

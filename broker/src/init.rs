@@ -1,0 +1,180 @@
+//! `postern-broker init`: a complete, working broker folder.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use postern_certs::store::{WriteMode, write_public, write_secret};
+use postern_certs::{ClientCa, ServerCa};
+use postern_proto::ServiceName;
+
+use crate::config::{self, Config};
+
+/// Lifetime of the CAs `init` creates.
+pub const CA_LIFETIME: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
+/// Lifetime of the server certificate `init` creates.
+pub const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
+
+/// The starting policy: any valid certificate reaches any configured service.
+pub const DEFAULT_POLICY: &str = r#"// Postern's starting policy, written by `postern-broker init`.
+//
+// Anyone holding a valid certificate from this broker may reach every configured service.
+// Certificates come from `postern-broker issue`. Narrow this down before real use: see
+// docs/policy.md for rules on groups, networks and how people authenticated.
+@id("any-certificate-any-service")
+permit (principal, action == Action::"connect", resource is Service);
+"#;
+
+/// What `init` needs.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// The folder to create or fill; it must not hold a broker setup already.
+    pub dir: PathBuf,
+    /// Name agents use for the broker.
+    pub hostname: String,
+    /// UDP address to listen on.
+    pub listen: String,
+    /// Services as `NAME=HOST:PORT`.
+    pub services: Vec<String>,
+}
+
+/// Why `init` refused.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// An option is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The folder already holds a broker setup.
+    #[error("`{}` already exists; init never overwrites a broker setup: choose a new folder", .0.display())]
+    Exists(PathBuf),
+    /// Writing failed.
+    #[error("{0}")]
+    Write(#[from] postern_certs::store::StoreError),
+    /// A folder could not be created.
+    #[error("cannot create `{}`: {source}", path.display())]
+    CreateDir {
+        /// The folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Key or certificate generation failed.
+    #[error("cannot create the certificate authorities: {0}")]
+    Generate(String),
+    /// The written configuration does not load (a bug).
+    #[error("the written configuration does not load: {0}")]
+    Check(String),
+}
+
+/// Writes the broker folder and returns the path of its `broker.toml`.
+pub fn init(options: &InitOptions, now: SystemTime) -> Result<PathBuf, InitError> {
+    if rustls_pki_types::ServerName::try_from(options.hostname.as_str()).is_err() {
+        return Err(InitError::Invalid(format!(
+            "--hostname `{}` is not a DNS name or IP address",
+            options.hostname
+        )));
+    }
+    if options.listen.parse::<std::net::SocketAddr>().is_err() {
+        return Err(InitError::Invalid(format!(
+            "--listen `{}` is not an address such as `[::]:4433`",
+            options.listen
+        )));
+    }
+    if options.services.is_empty() {
+        return Err(InitError::Invalid("name at least one --service NAME=HOST:PORT, such as `--service imap=mail.internal:993`".into()));
+    }
+    let mut services: Vec<(ServiceName, String, u16)> = Vec::new();
+    for spec in &options.services {
+        let (name, address) = spec.split_once('=').ok_or_else(|| {
+            InitError::Invalid(format!("--service `{spec}` is not NAME=HOST:PORT"))
+        })?;
+        let name = ServiceName::new(name)
+            .map_err(|e| InitError::Invalid(format!("--service `{spec}`: {e}")))?;
+        let (_, port) = config::split_host_port(address)
+            .map_err(|e| InitError::Invalid(format!("--service `{spec}`: {e}")))?;
+        if services.iter().any(|(n, _, _)| *n == name) {
+            return Err(InitError::Invalid(format!(
+                "--service `{name}` is given twice"
+            )));
+        }
+        services.push((name, address.to_owned(), port));
+    }
+
+    let dir = &options.dir;
+    let config_path = dir.join("broker.toml");
+    for existing in [config_path.clone(), dir.join("pki"), dir.join("policies")] {
+        if existing.exists() {
+            return Err(InitError::Exists(existing));
+        }
+    }
+    create_dir(dir, 0o755)?;
+    let pki = dir.join("pki");
+    create_dir(&pki, 0o700)?;
+    create_dir(&dir.join("policies"), 0o755)?;
+
+    let generate = |e: &dyn std::fmt::Display| InitError::Generate(e.to_string());
+    let (server_ca, server_ca_files) =
+        ServerCa::generate(&options.hostname, now, CA_LIFETIME).map_err(|e| generate(&e))?;
+    let server = server_ca
+        .issue_server(&options.hostname, now, SERVER_CERT_LIFETIME)
+        .map_err(|e| generate(&e))?;
+    let (_, client_ca_files) =
+        ClientCa::generate(&options.hostname, now, CA_LIFETIME).map_err(|e| generate(&e))?;
+
+    write_secret(
+        &pki.join("server-ca.key"),
+        server_ca_files.key_pem.expose(),
+        WriteMode::CreateNew,
+    )?;
+    write_public(
+        &pki.join("server-ca.pem"),
+        &server_ca_files.cert_pem,
+        WriteMode::CreateNew,
+    )?;
+    write_secret(
+        &pki.join("server.key"),
+        server.key_pem.expose(),
+        WriteMode::CreateNew,
+    )?;
+    // The chain agents receive: the server certificate; they hold the CA from their bundle.
+    write_public(
+        &pki.join("server.pem"),
+        &server.cert_pem,
+        WriteMode::CreateNew,
+    )?;
+    write_secret(
+        &pki.join("client-ca.key"),
+        client_ca_files.key_pem.expose(),
+        WriteMode::CreateNew,
+    )?;
+    write_public(
+        &pki.join("client-ca.pem"),
+        &client_ca_files.cert_pem,
+        WriteMode::CreateNew,
+    )?;
+    write_public(
+        &dir.join("policies").join("default.cedar"),
+        DEFAULT_POLICY,
+        WriteMode::CreateNew,
+    )?;
+    let text = config::template(&options.hostname, &options.listen, &services);
+    write_public(&config_path, &text, WriteMode::CreateNew)?;
+
+    let config = Config::load(&config_path).map_err(|e| InitError::Check(e.to_string()))?;
+    postern_policy::Policies::load_dir(&config.policy_dir)
+        .map_err(|e| InitError::Check(e.to_string()))?;
+    Ok(config_path)
+}
+
+fn create_dir(path: &Path, mode: u32) -> Result<(), InitError> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    builder.create(path).map_err(|source| InitError::CreateDir {
+        path: path.to_owned(),
+        source,
+    })
+}

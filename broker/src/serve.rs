@@ -1,0 +1,690 @@
+//! The QUIC endpoint: one task per connection, one per stream, each decision audited.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use postern_certs::store::{self, StoreError};
+use postern_certs::{
+    ClientVerifier, Identity, Role, VerifiedClient, VerifyLimits, connection_role,
+};
+use postern_policy::{Decision, LoadError, Policies};
+use postern_proto::{
+    ALPN_TUNNEL, Answer, CloseCode, Open, Refusal, RefuseCode, ResetCode, ServiceName,
+};
+use postern_transport::{RelayEnd, Tuning, close_code, read_frame, relay, reset_code, write_frame};
+use quinn::crypto::rustls::{HandshakeData, QuicServerConfig};
+use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
+use rustls_pki_types::CertificateDer;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::audit::{Audit, Connect, Event};
+use crate::config::{Config, ServiceConfig};
+
+/// A bound broker, ready to [`run`](Broker::run).
+#[derive(Debug)]
+pub struct Broker {
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+}
+
+/// Why the broker could not start. Each is a configuration problem (exit code 64).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A certificate or key file could not be read.
+    #[error("{0}")]
+    Pki(#[from] StoreError),
+    /// The certificates or keys cannot be used together.
+    #[error("`{}`: {message}", path.display())]
+    BadPki {
+        /// The file at fault.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The policies do not load.
+    #[error("policies in `{}`: {source}", path.display())]
+    Policy {
+        /// The policy folder.
+        path: std::path::PathBuf,
+        /// The problems.
+        source: LoadError,
+    },
+    /// The audit trail cannot be opened.
+    #[error("cannot open the audit trail `{target}`: {source}")]
+    Audit {
+        /// The file.
+        target: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The UDP address cannot be bound.
+    #[error("cannot listen on UDP {addr}: {source}{hint}")]
+    Bind {
+        /// The address from `broker.listen`.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+        /// What to do about it.
+        hint: &'static str,
+    },
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: Config,
+    verifier: Arc<ClientVerifier>,
+    policies: Policies,
+    services: BTreeMap<ServiceName, Service>,
+    audit: Arc<Audit>,
+    /// Cancelled to stop accepting connections and streams.
+    shutdown: CancellationToken,
+    /// Cancelled to cut sessions that are still open.
+    abort: CancellationToken,
+    next_connection: AtomicU64,
+    next_session: AtomicU64,
+    open_sessions: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Service {
+    config: ServiceConfig,
+    policy: postern_policy::Service,
+}
+
+/// A verified tunnel connection, shared by its streams.
+struct Peer {
+    id: u64,
+    connection: Connection,
+    client: VerifiedClient,
+    principal: postern_policy::Principal,
+    authentication: postern_policy::Authentication,
+}
+
+/// What the broker answers a stream.
+enum Verdict<'a> {
+    Allow(&'a Service, Decision),
+    Refuse {
+        code: RefuseCode,
+        reason: String,
+        decision: Option<Decision>,
+    },
+}
+
+/// Keeps `open_sessions` accurate however a session ends.
+struct SessionGuard<'a>(&'a AtomicUsize);
+
+impl Broker {
+    /// Loads certificates and policies, opens the audit trail and binds the UDP socket.
+    ///
+    /// Must run inside a Tokio runtime.
+    pub fn start(config: Config) -> Result<Self, StartError> {
+        Self::start_with_audit(config, None)
+    }
+
+    /// Like [`start`](Broker::start), writing audit events to `audit` instead of the configured
+    /// sink (tests).
+    pub fn start_with_audit(config: Config, audit: Option<Arc<Audit>>) -> Result<Self, StartError> {
+        let pki = &config.pki;
+        for key in [&pki.server_key, &pki.client_ca_key] {
+            if store::readable_by_others(key).unwrap_or(false) {
+                warn!(path = %key.display(), "private key file is readable by other users; run `chmod 600` on it");
+            }
+        }
+        let chain = store::read_certificates(&pki.server_cert)?;
+        let (_, key) = store::read_private_key(&pki.server_key)?;
+        let client_cas = store::read_certificates(&pki.client_ca)?;
+        let limits = VerifyLimits {
+            max_clock_skew: pki.max_clock_skew,
+            max_lifetime: pki.max_cert_lifetime,
+        };
+        let verifier =
+            ClientVerifier::new(&client_cas, limits).map_err(|e| StartError::BadPki {
+                path: pki.client_ca.clone(),
+                message: e.to_string(),
+            })?;
+        let verifier = Arc::new(verifier);
+        let tls = postern_certs::server_config(chain, key, verifier.clone(), &[ALPN_TUNNEL])
+            .map_err(|e| StartError::BadPki {
+                path: pki.server_key.clone(),
+                message: e.to_string(),
+            })?;
+        let quic = QuicServerConfig::try_from(tls).map_err(|e| StartError::BadPki {
+            path: pki.server_cert.clone(),
+            message: e.to_string(),
+        })?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        let tuning = Tuning {
+            idle_timeout: config.limits.idle_timeout,
+            keep_alive: None,
+            max_concurrent_streams: config.limits.max_streams_per_connection,
+        };
+        server_config.transport_config(tuning.transport_config());
+
+        let policies =
+            Policies::load_dir(&config.policy_dir).map_err(|source| StartError::Policy {
+                path: config.policy_dir.clone(),
+                source,
+            })?;
+        let audit = match audit {
+            Some(audit) => audit,
+            None => Arc::new(
+                Audit::open(&config.audit).map_err(|source| StartError::Audit {
+                    target: match &config.audit {
+                        crate::config::AuditTarget::File(path) => path.display().to_string(),
+                        crate::config::AuditTarget::Stdout => "-".into(),
+                    },
+                    source,
+                })?,
+            ),
+        };
+        let services = config
+            .services
+            .iter()
+            .map(|(name, service)| {
+                let policy = postern_policy::Service {
+                    name: name.to_string(),
+                    protocol: service.protocol.as_str().to_owned(),
+                    tags: service.tags.clone(),
+                };
+                (
+                    name.clone(),
+                    Service {
+                        config: service.clone(),
+                        policy,
+                    },
+                )
+            })
+            .collect();
+
+        let endpoint = Endpoint::server(server_config, config.listen).map_err(|source| StartError::Bind {
+            addr: config.listen,
+            hint: match source.kind() {
+                std::io::ErrorKind::AddrInUse => {
+                    "; another process uses this port: stop it, or choose another `broker.listen`"
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "; ports below 1024 need privileges: grant CAP_NET_BIND_SERVICE or choose another port"
+                }
+                std::io::ErrorKind::AddrNotAvailable => "; this machine has no such address",
+                _ => "",
+            },
+            source,
+        })?;
+
+        let shared = Shared {
+            config,
+            verifier,
+            policies,
+            services,
+            audit,
+            shutdown: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            next_connection: AtomicU64::new(1),
+            next_session: AtomicU64::new(1),
+            open_sessions: AtomicUsize::new(0),
+        };
+        Ok(Self {
+            endpoint,
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The address the endpoint is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .unwrap_or(self.shared.config.listen)
+    }
+
+    /// Cancelling this token starts a graceful shutdown: no new connections or streams, open
+    /// sessions get `limits.shutdown_grace` to finish.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// Cancelling this token cuts open sessions at once (a second Ctrl-C).
+    pub fn abort_token(&self) -> CancellationToken {
+        self.shared.abort.clone()
+    }
+
+    /// Serves until shut down, then drains.
+    pub async fn run(self) {
+        let Broker { endpoint, shared } = self;
+        let listen = endpoint.local_addr().unwrap_or(shared.config.listen);
+        shared.audit.record_or_log(&Event::BrokerStart {
+            listen,
+            policies: shared.policies.len(),
+            services: shared.services.keys().map(ToString::to_string).collect(),
+        });
+        info!(%listen, policies = shared.policies.len(), "broker serving");
+
+        let connections = TaskTracker::new();
+        loop {
+            tokio::select! {
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let shared = shared.clone();
+                    connections.spawn(connection(incoming, shared));
+                }
+                () = shared.shutdown.cancelled() => break,
+            }
+        }
+
+        endpoint.set_server_config(None);
+        let grace = shared.config.limits.shutdown_grace;
+        info!(sessions = shared.open_sessions.load(Ordering::Relaxed), grace = %humantime::format_duration(grace), "shutting down: no new connections; open sessions may finish");
+        connections.close();
+        let mut sessions_cut = 0;
+        tokio::select! {
+            () = connections.wait() => {}
+            () = tokio::time::sleep(grace) => {}
+            () = shared.abort.cancelled() => {}
+        }
+        if !connections.is_empty() {
+            sessions_cut = shared.open_sessions.load(Ordering::Relaxed);
+            warn!(sessions = sessions_cut, "cutting the sessions still open");
+            shared.abort.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
+        }
+        endpoint.close(
+            close_code(CloseCode::ShuttingDown),
+            b"broker is shutting down",
+        );
+        shared.audit.record_or_log(&Event::BrokerStop {
+            reason: "shutdown",
+            sessions_cut,
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        info!("broker stopped");
+    }
+}
+
+async fn connection(incoming: Incoming, shared: Arc<Shared>) {
+    let source = incoming.remote_address();
+    let connection = match incoming.await {
+        Ok(connection) => connection,
+        Err(err) => {
+            debug!(client.addr = %source, error = %err, "handshake failed");
+            shared.audit.record_or_log(&Event::ConnectionDeny {
+                source,
+                reason: format!("handshake failed: {err}"),
+            });
+            return;
+        }
+    };
+    let alpn = connection
+        .handshake_data()
+        .and_then(|data| data.downcast::<HandshakeData>().ok())
+        .and_then(|data| data.protocol);
+    let certificates = connection
+        .peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok());
+    let role = connection_role(
+        alpn.as_deref(),
+        certificates.as_deref().map(Vec::as_slice),
+        &shared.verifier,
+        SystemTime::now(),
+    );
+    let client = match role {
+        Ok(Role::Tunnel(client)) => *client,
+        Ok(Role::Enroll) | Err(postern_certs::RoleError::NoProtocol) => {
+            shared.audit.record_or_log(&Event::ConnectionDeny {
+                source,
+                reason: "no supported protocol negotiated".into(),
+            });
+            connection.close(
+                close_code(CloseCode::ProtocolViolation),
+                b"unsupported protocol",
+            );
+            return;
+        }
+        Err(err) => {
+            info!(client.addr = %source, error = %err, "connection refused");
+            shared.audit.record_or_log(&Event::ConnectionDeny {
+                source,
+                reason: err.to_string(),
+            });
+            connection.close(
+                close_code(CloseCode::IdentityRequired),
+                err.to_string().as_bytes(),
+            );
+            return;
+        }
+    };
+
+    let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("connection", connection.id = id, user.id = %client.identity.user);
+    let peer = Arc::new(Peer {
+        id,
+        principal: principal(&client.identity),
+        authentication: authentication(&client.identity),
+        client,
+        connection,
+    });
+    serve_connection(peer, shared, source)
+        .instrument(span)
+        .await;
+}
+
+async fn serve_connection(peer: Arc<Peer>, shared: Arc<Shared>, source: SocketAddr) {
+    let started = Instant::now();
+    shared.audit.record_or_log(&Event::ConnectionOpen {
+        connection: peer.id,
+        source,
+        client: &peer.client,
+    });
+    info!(client.addr = %source, user.email = peer.client.identity.email.as_deref().unwrap_or(""), "connection open");
+
+    let streams = TaskTracker::new();
+    let mut draining = false;
+    let reason = loop {
+        tokio::select! {
+            accepted = peer.connection.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    streams.spawn(stream(peer.clone(), shared.clone(), send, recv));
+                }
+                Err(err) => break err.to_string(),
+            },
+            () = shared.shutdown.cancelled(), if !draining => {
+                draining = true;
+                streams.close();
+            }
+            () = streams.wait(), if draining => {
+                peer.connection.close(close_code(CloseCode::ShuttingDown), b"broker is shutting down");
+                break "broker shutting down".to_owned();
+            }
+        }
+    };
+    streams.close();
+    streams.wait().await;
+    info!(reason = %reason, "connection closed");
+    shared.audit.record_or_log(&Event::ConnectionClose {
+        connection: peer.id,
+        source: peer.connection.remote_address(),
+        identity: &peer.client.identity,
+        duration: started.elapsed(),
+        reason,
+    });
+}
+
+async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
+    let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let source = peer.connection.remote_address();
+    let open = match tokio::time::timeout(
+        shared.config.limits.open_timeout,
+        read_frame::<Open>(&mut recv),
+    )
+    .await
+    {
+        Ok(Ok(open)) => open,
+        Ok(Err(err)) => {
+            let reason = format!("malformed stream header: {err}");
+            return refuse_malformed(
+                &shared,
+                peer.connect(session, source, "", None),
+                &mut send,
+                &mut recv,
+                reason,
+            );
+        }
+        Err(_) => {
+            let reason = format!(
+                "no service named within {}",
+                humantime::format_duration(shared.config.limits.open_timeout)
+            );
+            return refuse_malformed(
+                &shared,
+                peer.connect(session, source, "", None),
+                &mut send,
+                &mut recv,
+                reason,
+            );
+        }
+    };
+    let name = open.service.as_str();
+    let span = info_span!("session", session.id = session, service = name);
+
+    async {
+        let now = SystemTime::now();
+        let (service, decision) = match decide(&peer, &shared, &open.service, source, now) {
+            Verdict::Allow(service, decision) => (service, decision),
+            Verdict::Refuse { code, reason, decision } => {
+                info!(code = code.as_str(), %reason, "refused");
+                shared.audit.record_or_log(&Event::ConnectDeny {
+                    connect: peer.connect(session, source, name, decision.as_ref()),
+                    code: code.as_str(),
+                    reason: reason.clone(),
+                });
+                return answer(&mut send, Answer::Refused(Refusal::new(code, &reason))).await;
+            }
+        };
+        let audited = peer.connect(session, source, name, Some(&decision));
+        if let Err(err) = shared.audit.record(&Event::ConnectAllow(audited)) {
+            tracing::error!(error = %err, "cannot write the audit trail: refusing the session");
+            let reason = "the broker cannot write its audit trail; access is refused until it can";
+            return answer(&mut send, Answer::Refused(Refusal::new(RefuseCode::Internal, reason))).await;
+        }
+
+        let _guard = SessionGuard::new(&shared.open_sessions);
+        let started = Instant::now();
+        let close = |reason: String, from: u64, to: u64| {
+            shared.audit.record_or_log(&Event::SessionClose {
+                connect: audited,
+                bytes_from_client: from,
+                bytes_to_client: to,
+                duration: started.elapsed(),
+                reason: &reason,
+            });
+        };
+        let upstream = match connect_upstream(&service.config, shared.config.limits.connect_timeout).await {
+            Ok(upstream) => upstream,
+            Err((code, detail)) => {
+                warn!(upstream = %format!("{}:{}", service.config.host, service.config.port), error = %detail, "service unreachable");
+                let reason = format!("`{name}` cannot be reached from the broker right now ({detail}); try again later, or tell your administrator if it persists");
+                answer(&mut send, Answer::Refused(Refusal::new(code, &reason))).await;
+                return close(format!("{}: {detail}", code.as_str()), 0, 0);
+            }
+        };
+        if let Err(err) = write_frame(&mut send, &Answer::Opened).await {
+            return close(format!("client_gone: {err}"), 0, 0);
+        }
+        info!("session open");
+        let relayed = relay(send, recv, upstream, &shared.abort).await;
+        let reason = match &relayed.end {
+            RelayEnd::Closed => "closed".to_owned(),
+            RelayEnd::QuicReset(_) | RelayEnd::QuicStopped(_) => "client_reset".to_owned(),
+            RelayEnd::ConnectionLost(why) => format!("connection_lost: {why}"),
+            RelayEnd::TcpFailed(kind) => format!("upstream_failed: {kind}"),
+            RelayEnd::Cancelled => "shutdown".to_owned(),
+        };
+        info!(bytes.from_client = relayed.from_quic, bytes.to_client = relayed.to_quic, %reason, "session closed");
+        close(reason, relayed.from_quic, relayed.to_quic);
+    }
+    .instrument(span)
+    .await;
+}
+
+fn decide<'a>(
+    peer: &Peer,
+    shared: &'a Shared,
+    name: &ServiceName,
+    source: SocketAddr,
+    now: SystemTime,
+) -> Verdict<'a> {
+    let refuse = |code, reason: String| Verdict::Refuse {
+        code,
+        reason,
+        decision: None,
+    };
+    if shared.shutdown.is_cancelled() {
+        return refuse(
+            RefuseCode::ShuttingDown,
+            "the broker is shutting down; connect again in a moment".into(),
+        );
+    }
+    let not_after = peer.client.not_after;
+    if not_after
+        .checked_add(shared.config.pki.max_clock_skew)
+        .is_some_and(|end| end < now)
+    {
+        let reason = format!(
+            "your certificate expired at {}; get a new one with `postern login`",
+            postern_certs::rfc3339(not_after)
+        );
+        return refuse(RefuseCode::CertificateExpired, reason);
+    }
+    let Some(service) = shared.services.get(name) else {
+        let known: Vec<_> = shared.services.keys().map(ToString::to_string).collect();
+        let reason = format!(
+            "this broker has no service `{name}` (it has: {})",
+            known.join(", ")
+        );
+        return refuse(RefuseCode::UnknownService, reason);
+    };
+    let decision = shared
+        .policies
+        .authorize_connect(&postern_policy::ConnectRequest {
+            principal: &peer.principal,
+            authentication: &peer.authentication,
+            device: &peer.client.identity.auth.device.to_string(),
+            certificate_not_after: not_after,
+            service: &service.policy,
+            source: source.ip(),
+            now,
+        });
+    if decision.is_allowed() {
+        return Verdict::Allow(service, decision);
+    }
+    let reason = format!(
+        "policy does not allow {} to reach `{name}`; ask your administrator if you need it",
+        peer.client.identity.display_name()
+    );
+    Verdict::Refuse {
+        code: RefuseCode::NotPermitted,
+        reason,
+        decision: Some(decision),
+    }
+}
+
+fn refuse_malformed(
+    shared: &Shared,
+    connect: Connect<'_>,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    reason: String,
+) {
+    info!(%reason, "stream refused");
+    shared.audit.record_or_log(&Event::ConnectDeny {
+        connect,
+        code: "protocol_violation",
+        reason,
+    });
+    let _ = send.reset(reset_code(ResetCode::ProtocolViolation));
+    let _ = recv.stop(reset_code(ResetCode::ProtocolViolation));
+}
+
+async fn answer(send: &mut SendStream, answer: Answer) {
+    // The agent may be gone already; there is nobody left to tell.
+    if write_frame(send, &answer).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+/// Connects to a configured service, trying each address its host resolves to.
+async fn connect_upstream(
+    service: &ServiceConfig,
+    timeout: Duration,
+) -> Result<TcpStream, (RefuseCode, String)> {
+    let attempt = async {
+        let addresses = tokio::net::lookup_host((service.host.as_str(), service.port))
+            .await
+            .map_err(|e| format!("cannot resolve the service's host: {e}"))?;
+        let mut last = "the service's host resolves to no address".to_owned();
+        for address in addresses {
+            match TcpStream::connect(address).await {
+                Ok(stream) => return Ok(stream),
+                Err(err) => last = err.to_string(),
+            }
+        }
+        Err(last)
+    };
+    let stream = match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(detail)) => return Err((RefuseCode::UpstreamUnavailable, detail)),
+        Err(_) => {
+            let detail = format!("no answer within {}", humantime::format_duration(timeout));
+            return Err((RefuseCode::UpstreamTimeout, detail));
+        }
+    };
+    // Without it an interactive protocol can stall on Nagle's algorithm and delayed ACKs.
+    stream
+        .set_nodelay(true)
+        .map_err(|e| (RefuseCode::UpstreamUnavailable, e.to_string()))?;
+    Ok(stream)
+}
+
+/// The policy view of a certificate's identity: one mapping, used for every decision.
+pub fn principal(identity: &Identity) -> postern_policy::Principal {
+    postern_policy::Principal {
+        id: identity.user.uri(),
+        issuer: identity.user.issuer().to_owned(),
+        subject: identity.user.subject().to_owned(),
+        email: identity.email.clone(),
+        name: identity.name.clone(),
+        groups: identity.groups.clone(),
+    }
+}
+
+/// The policy view of how an identity authenticated.
+pub fn authentication(identity: &Identity) -> postern_policy::Authentication {
+    let auth = &identity.auth;
+    postern_policy::Authentication {
+        issuance: auth.issuance.kind(),
+        flow: match auth.issuance {
+            postern_certs::Issuance::Login(flow) => Some(flow.as_str()),
+            postern_certs::Issuance::Admin => None,
+        },
+        amr: auth.amr.clone(),
+        acr: auth.acr.clone(),
+        auth_time: auth.auth_time,
+    }
+}
+
+impl Peer {
+    fn connect<'a>(
+        &'a self,
+        session: u64,
+        source: SocketAddr,
+        service: &'a str,
+        decision: Option<&'a Decision>,
+    ) -> Connect<'a> {
+        Connect {
+            connection: self.id,
+            session,
+            source,
+            identity: &self.client.identity,
+            service,
+            policies: decision.map_or(&[], |d| &d.policies),
+            errors: decision.map_or(&[], |d| &d.errors),
+        }
+    }
+}
+
+impl<'a> SessionGuard<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
