@@ -1,0 +1,13 @@
+//! End-to-end tests: real Dovecot, real IMAP clients, the broker and the agent on loopback.
+//! Each module names a property.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails by panicking"
+)]
+
+mod bad_input;
+mod deny;
+mod local_user;
+mod shutdown;
+mod tunnel;

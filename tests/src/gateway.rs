@@ -1,0 +1,258 @@
+//! A broker made by `postern-broker init` and served in-process, and an agent in front of it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use postern_broker::Broker;
+use postern_broker::audit::Audit;
+use postern_broker::config::Config;
+use postern_broker::init::{InitOptions, init};
+use postern_broker::issue::{IssueOptions, issue};
+use postern_certs::{Bundle, ClientCa, ClientCredential, SecretPem};
+use postern_proto::ServiceName;
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A broker folder and the broker serving it on 127.0.0.1.
+#[derive(Debug)]
+pub struct Gateway {
+    /// The broker folder.
+    pub dir: TempDir,
+    /// Its configuration, with `public_address` set to the bound port.
+    pub config: Config,
+    /// Where the broker listens.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+/// An agent serving an identity on free loopback ports.
+#[derive(Debug)]
+pub struct AgentHandle {
+    /// Each service and where it is served.
+    pub addresses: Vec<(ServiceName, SocketAddr)>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// `postern-broker init` with `services` (name, upstream), then serve.
+    pub async fn start(services: &[(&str, SocketAddr)]) -> Self {
+        Self::start_with(services, None, |_| {}).await
+    }
+
+    /// Like [`start`](Self::start), with `policy` replacing the starting policy and `edit`
+    /// changing `broker.toml` before the broker reads it.
+    pub async fn start_with(
+        services: &[(&str, SocketAddr)],
+        policy: Option<&str>,
+        edit: impl FnOnce(&mut String),
+    ) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("postern-broker-")
+            .tempdir()
+            .unwrap();
+        let options = InitOptions {
+            dir: dir.path().join("broker"),
+            hostname: "localhost".into(),
+            listen: "127.0.0.1:0".into(),
+            services: services
+                .iter()
+                .map(|(name, addr)| format!("{name}={addr}"))
+                .collect(),
+        };
+        let config_path = init(&options, SystemTime::now()).unwrap();
+        if let Some(policy) = policy {
+            std::fs::write(dir.path().join("broker/policies/default.cedar"), policy).unwrap();
+        }
+        let mut text = std::fs::read_to_string(&config_path).unwrap();
+        edit(&mut text);
+        std::fs::write(&config_path, &text).unwrap();
+
+        let mut config = Config::load(&config_path).unwrap();
+        let broker = Broker::start(config.clone()).unwrap();
+        let addr = broker.local_addr();
+        config.public_address = format!("localhost:{}", addr.port());
+        let shutdown = broker.shutdown_token();
+        let task = tokio::spawn(broker.run());
+        Gateway {
+            dir,
+            config,
+            addr,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// The folder holding `broker.toml`.
+    pub fn broker_dir(&self) -> PathBuf {
+        self.dir.path().join("broker")
+    }
+
+    /// An admin-issued bundle for `user`, made by `postern-broker issue`'s code.
+    pub fn issue(&self, user: &str, groups: &[&str], ttl: Duration) -> Bundle {
+        let out = self.dir.path().join(format!(
+            "{user}-{}.bundle",
+            crate::random_bytes(4)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ));
+        let options = IssueOptions {
+            user: user.into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            ttl,
+            csr: None,
+            out: out.clone(),
+        };
+        let audit = Audit::open(&self.config.audit).unwrap();
+        issue(&self.config, &options, &audit, SystemTime::now()).unwrap();
+        Bundle::from_toml(&std::fs::read_to_string(out).unwrap()).unwrap()
+    }
+
+    /// The broker's client CA, to sign certificates the issue command would not.
+    pub fn client_ca(&self) -> ClientCa {
+        let pki = self.broker_dir().join("pki");
+        ClientCa::from_pem(
+            &std::fs::read_to_string(pki.join("client-ca.pem")).unwrap(),
+            &std::fs::read_to_string(pki.join("client-ca.key")).unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// `bundle` with another certificate and key.
+    pub fn rebundle(
+        bundle: &Bundle,
+        certificate: rustls_pki_types::CertificateDer<'static>,
+        key: SecretPem,
+    ) -> Bundle {
+        Bundle {
+            certificate,
+            key: Some(key),
+            ..bundle.clone()
+        }
+    }
+
+    /// A bare QUIC connection to the broker with ALPN `postern/1`, presenting `credential` if
+    /// given; for tests that must do what the agent never would.
+    pub async fn raw_connect(
+        &self,
+        credential: Option<ClientCredential>,
+    ) -> Result<quinn::Connection, quinn::ConnectionError> {
+        let server_cas =
+            postern_certs::store::read_certificates(&self.config.pki.server_ca).unwrap();
+        let tls = postern_certs::client_config(&server_cas, credential, postern_proto::ALPN_TUNNEL)
+            .unwrap();
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+        endpoint.connect(self.addr, "localhost").unwrap().await
+    }
+
+    /// The audit events written so far.
+    pub fn audit(&self) -> Vec<Value> {
+        let postern_broker::config::AuditTarget::File(path) = &self.config.audit else {
+            panic!("audit goes to a file")
+        };
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("every audit line is JSON"))
+            .collect()
+    }
+
+    /// The audit events with `event.action` equal to `action`.
+    pub fn audit_events(&self, action: &str) -> Vec<Value> {
+        self.audit()
+            .into_iter()
+            .filter(|e| e["event"]["action"] == action)
+            .collect()
+    }
+
+    /// Waits until an audit event satisfying `check` is written (events can trail the answer
+    /// an agent sees by a moment).
+    pub async fn wait_for_audit(&self, action: &str, check: impl Fn(&Value) -> bool) -> Value {
+        for _ in 0..200 {
+            if let Some(event) = self.audit_events(action).into_iter().find(|e| check(e)) {
+                return event;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "no `{action}` audit event as expected; the trail:\n{:#?}",
+            self.audit()
+        );
+    }
+
+    /// Starts a graceful shutdown and waits for the broker to stop.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        self.join().await;
+    }
+
+    /// Starts a graceful shutdown without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until the broker has stopped.
+    pub async fn join(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl AgentHandle {
+    /// Serves every service of `identity` on 127.0.0.1 with a free port.
+    pub async fn start(identity: &Bundle) -> Self {
+        let overrides: Vec<_> = identity
+            .services
+            .keys()
+            .map(|name| (name.clone(), SocketAddr::from(([127, 0, 0, 1], 0))))
+            .collect();
+        let agent = postern_agent::Agent::start(identity, &overrides, SystemTime::now())
+            .await
+            .unwrap();
+        let addresses = agent.addresses();
+        let shutdown = agent.shutdown_token();
+        let task = tokio::spawn(agent.run());
+        AgentHandle {
+            addresses,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Where `service` is served.
+    pub fn addr(&self, service: &str) -> SocketAddr {
+        self.addresses
+            .iter()
+            .find(|(name, _)| name.as_str() == service)
+            .map(|(_, addr)| *addr)
+            .expect("service is served")
+    }
+
+    /// Stops the agent.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,147 @@
+//! The end-to-end harness of Postern: real parts, started on loopback for one test each.
+//!
+//! - [`Dovecot`]: a private Dovecot (`dovecot-imapd`) with its own configuration, users, TLS
+//!   certificate, port and seeded mail.
+//! - [`Gateway`]: a broker folder made by `postern-broker init`, and the broker serving it
+//!   in-process on a free UDP port.
+//! - [`AgentHandle`]: the agent serving an identity on free loopback ports.
+//! - [`imap_fetch`], [`curl`]: real IMAP clients (Python `imaplib`, `curl`).
+//! - [`bin`]: the built `postern` and `postern-broker` binaries, for tests of the command line.
+//!
+//! Nothing here listens on anything but 127.0.0.1.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a harness failure is a test failure"
+)]
+
+mod dovecot;
+mod gateway;
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+pub use dovecot::{Dovecot, Message};
+pub use gateway::{AgentHandle, Gateway};
+
+/// The workspace folder.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_owned()
+}
+
+/// A built binary of the workspace (`postern`, `postern-broker`), next to the running test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target folder");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A UDP port on 127.0.0.1 that was free a moment ago.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What `tests/clients/imap_fetch.py` saw: the mailboxes and each message's size and SHA-256.
+pub async fn imap_fetch(
+    addr: SocketAddr,
+    ca: &Path,
+    user: &str,
+    password: &str,
+) -> Result<serde_json::Value, String> {
+    let script = workspace().join("tests/clients/imap_fetch.py");
+    let output = tokio::process::Command::new("python3")
+        .arg(script)
+        .args([
+            "--host",
+            &addr.ip().to_string(),
+            "--port",
+            &addr.port().to_string(),
+        ])
+        .arg("--cafile")
+        .arg(ca)
+        .args(["--user", user, "--password", password])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| format!("cannot run python3: {e}"))?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| format!("imap_fetch printed no JSON: {e}"))
+}
+
+/// Runs `curl` with `args` and returns its output.
+pub async fn curl(args: &[&str]) -> Output {
+    tokio::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "30"])
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("curl runs")
+}
+
+/// SHA-256 of `data`, hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `len` bytes from the system's secure random generator.
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut data).unwrap();
+    data
+}
+
+/// A TCP service on 127.0.0.1 that sends back everything it receives, then closes.
+pub async fn echo_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                if tokio::io::copy(&mut read, &mut write).await.is_ok() {
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut write).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Whether this process runs as root (tests that need a second user require it).
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
