@@ -163,15 +163,16 @@ fn up(home: &Home, listens: &[(ServiceName, SocketAddr)]) -> anyhow::Result<()> 
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        let mut signals = postern_transport::Signals::install();
         let agent = Agent::start(&identity, listens, SystemTime::now()).await?;
+        let shutdown = agent.shutdown_token();
+        tokio::spawn(async move {
+            signals.recv().await;
+            shutdown.cancel();
+        });
         for (service, addr) in agent.addresses() {
             println!("postern: {service} on {addr} -> broker {}", identity.broker);
         }
-        let shutdown = agent.shutdown_token();
-        tokio::spawn(async move {
-            postern_transport::shutdown_signal().await;
-            shutdown.cancel();
-        });
         agent.run().await;
         Ok(())
     })
@@ -243,6 +244,7 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }

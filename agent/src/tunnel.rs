@@ -25,6 +25,9 @@ pub const TUNING: Tuning = Tuning {
 /// Delay between starting connection attempts to successive broker addresses.
 const ATTEMPT_STAGGER: Duration = Duration::from_millis(250);
 
+/// Time a connection attempt to one address may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The connection to the broker, made on first use and remade when it is lost.
 #[derive(Debug)]
 pub struct Tunnel {
@@ -182,9 +185,10 @@ impl Tunnel {
             let delay = ATTEMPT_STAGGER * u32::try_from(index).unwrap_or(u32::MAX);
             attempts.spawn(async move {
                 tokio::time::sleep(delay).await;
-                match connecting {
-                    Ok(connecting) => connecting.await.map_err(|e| (address, explain(&e))),
-                    Err(e) => Err((address, e.to_string())),
+                let connecting = connecting.map_err(|e| (address, e.to_string()))?;
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+                    Ok(result) => result.map_err(|e| (address, explain(&e))),
+                    Err(_) => Err((address, format!("no answer within {}s; check the address and that its UDP port is reachable from here", HANDSHAKE_TIMEOUT.as_secs()))),
                 }
             });
         }

@@ -136,18 +136,24 @@ impl Agent {
             listeners,
             shutdown,
         } = self;
-        if let Err(err) = tunnel.connection().await {
-            warn!("{err}; trying again when a program connects");
-        }
         let tasks = TaskTracker::new();
+        // Connect ahead of the first program, so that it does not wait for the handshake.
+        let early = tunnel.clone();
+        tasks.spawn(async move {
+            if let Err(err) = early.connection().await {
+                warn!("{err}; trying again when a program connects");
+            }
+        });
         for (service, listener) in listeners {
             let (tunnel, shutdown, sessions) = (tunnel.clone(), shutdown.clone(), tasks.clone());
             tasks.spawn(accept_loop(service, listener, tunnel, shutdown, sessions));
         }
         shutdown.cancelled().await;
         tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+        // Relays end at once on the same token; an attempt to connect may take longer.
+        let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
         tunnel.close().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
     }
 }
 

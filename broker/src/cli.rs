@@ -199,14 +199,15 @@ fn serve(config_path: &std::path::Path) -> Result<(), Failure> {
         .context("cannot start the async runtime")
         .map_err(|error| Failure { code: 1, error })?;
     runtime.block_on(async {
+        let mut signals = postern_transport::Signals::install();
         let broker = Broker::start(config).map_err(|err: StartError| config_failure(err))?;
         let shutdown = broker.shutdown_token();
         let abort = broker.abort_token();
         tokio::spawn(async move {
-            postern_transport::shutdown_signal().await;
+            signals.recv().await;
             tracing::info!("shutdown requested; a second signal cuts open sessions");
             shutdown.cancel();
-            postern_transport::shutdown_signal().await;
+            signals.recv().await;
             abort.cancel();
         });
         broker.run().await;
@@ -258,5 +259,6 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }

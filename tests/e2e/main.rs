@@ -7,6 +7,7 @@
 )]
 
 mod bad_input;
+mod cli;
 mod deny;
 mod local_user;
 mod shutdown;

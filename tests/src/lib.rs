@@ -6,7 +6,7 @@
 //!   in-process on a free UDP port.
 //! - [`AgentHandle`]: the agent serving an identity on free loopback ports.
 //! - [`imap_fetch`], [`curl`]: real IMAP clients (Python `imaplib`, `curl`).
-//! - [`bin`]: the built `postern` and `postern-broker` binaries, for tests of the command line.
+//! - [`bin`]: the built `postern` and `postern-broker` binaries, for the demo.
 //!
 //! Nothing here listens on anything but 127.0.0.1.
 #![allow(
@@ -17,6 +17,7 @@
 
 mod dovecot;
 mod gateway;
+mod process;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use std::process::Output;
 
 pub use dovecot::{Dovecot, Message};
 pub use gateway::{AgentHandle, Gateway};
+pub use process::{Running, run_ok, wait_for_line};
 
 /// The workspace folder.
 pub fn workspace() -> PathBuf {
@@ -33,12 +35,10 @@ pub fn workspace() -> PathBuf {
         .to_owned()
 }
 
-/// A built binary of the workspace (`postern`, `postern-broker`), next to the running test.
+/// A built binary of the workspace (`postern`, `postern-broker`) beside the running program.
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target folder");
-    let path = dir.join(name);
+    let exe = std::env::current_exe().expect("executable path");
+    let path = exe.parent().expect("target folder").join(name);
     assert!(
         path.exists(),
         "{} is not built; run `cargo build --workspace --bins` first",

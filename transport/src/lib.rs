@@ -48,20 +48,49 @@ impl Tuning {
     }
 }
 
-/// Waits for SIGTERM or Ctrl-C (SIGINT).
-pub async fn shutdown_signal() {
+/// SIGTERM and SIGINT (Ctrl-C), caught from the moment [`Signals::install`] returns.
+///
+/// Installing before announcing readiness matters: a signal that arrives before its handler is
+/// registered kills the process instead of stopping it gracefully.
+#[derive(Debug)]
+pub struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+    terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Registers the handlers. Must run inside a Tokio runtime.
+    pub fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Self {
+                terminate: signal(SignalKind::terminate()).ok(),
+                interrupt: signal(SignalKind::interrupt()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            Self {}
+        }
+    }
+
+    /// Waits for the next SIGTERM or SIGINT.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let (Some(terminate), Some(interrupt)) =
+            (self.terminate.as_mut(), self.interrupt.as_mut())
+        {
             tokio::select! {
                 _ = terminate.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+                _ = interrupt.recv() => {}
             }
             return;
         }
+        let _ = tokio::signal::ctrl_c().await;
     }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// A QUIC application error code for a stream reset or stop.

@@ -1,0 +1,297 @@
+//! Each subcommand, and the sentences that tell a person what to do next.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, SystemTime};
+
+use postern_certs::testdata::{alice, client_ca, server_cas};
+use postern_certs::{Bundle, BundleService, KeyRequest, PublicKey};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn postern(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(args)
+        .env("POSTERN_HOME", home)
+        .output()
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A bundle for Alice from the test PKI, valid from `not_before` for `lifetime`; the broker
+/// address leads nowhere.
+fn bundle(
+    not_before: SystemTime,
+    lifetime: Duration,
+    request: &KeyRequest,
+    with_key: bool,
+) -> Bundle {
+    let key = PublicKey::from_csr_pem(request.csr_pem.as_bytes()).unwrap();
+    Bundle {
+        broker: "127.0.0.1:9".into(),
+        server_name: "localhost".into(),
+        server_cas: server_cas(),
+        certificate: client_ca()
+            .issue(&alice(not_before), &key, not_before, lifetime)
+            .unwrap(),
+        key: with_key.then(|| request.key_pem.clone()),
+        services: [("imap".parse().unwrap(), BundleService { port: 993 })].into(),
+    }
+}
+
+fn write_bundle(dir: &Path, bundle: &Bundle) -> String {
+    let path = dir.join("alice.bundle");
+    std::fs::write(&path, bundle.to_toml()).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn status_before_login_says_what_to_do() {
+    let home = tempfile::tempdir().unwrap();
+    let out = postern(home.path(), &["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not logged in: run `postern login --bundle FILE`"),
+        "{}",
+        stderr(&out)
+    );
+    let usage = postern(home.path(), &["login"]);
+    assert_eq!(usage.status.code(), Some(64));
+}
+
+#[test]
+fn login_imports_privately_and_status_shows_it() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_bundle(
+        dir.path(),
+        &bundle(
+            SystemTime::now(),
+            HOUR,
+            &KeyRequest::generate().unwrap(),
+            true,
+        ),
+    );
+    let out = postern(&home.path().join("p"), &["login", "--bundle", &file]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("Logged in as alice@example.org"),
+        "{}",
+        stdout(&out)
+    );
+    let identity = home.path().join("p/identity.toml");
+    assert_eq!(
+        std::fs::metadata(&identity).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(home.path().join("p"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+
+    let status = postern(&home.path().join("p"), &["status"]);
+    assert!(status.status.success(), "{}", stderr(&status));
+    let text = stdout(&status);
+    for expected in [
+        "alice@example.org (https://idp.example.org#alice-0001)",
+        "pwd, otp",
+        "valid until",
+        "127.0.0.1:9",
+        "imap on 127.0.0.1:993",
+    ] {
+        assert!(text.contains(expected), "{expected}: {text}");
+    }
+}
+
+#[test]
+fn login_refuses_unusable_bundles() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let expired = write_bundle(
+        dir.path(),
+        &bundle(
+            SystemTime::now() - 3 * HOUR,
+            HOUR,
+            &KeyRequest::generate().unwrap(),
+            true,
+        ),
+    );
+    let out = postern(home.path(), &["login", "--bundle", &expired]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("expired at"), "{}", stderr(&out));
+
+    std::fs::write(dir.path().join("garbage"), "hello").unwrap();
+    let out = postern(
+        home.path(),
+        &[
+            "login",
+            "--bundle",
+            dir.path().join("garbage").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        stderr(&out).contains("garbage") && stderr(&out).contains("not a Postern identity bundle"),
+        "{}",
+        stderr(&out)
+    );
+
+    let keyless = write_bundle(
+        dir.path(),
+        &bundle(
+            SystemTime::now(),
+            HOUR,
+            &KeyRequest::generate().unwrap(),
+            false,
+        ),
+    );
+    let out = postern(home.path(), &["login", "--bundle", &keyless]);
+    assert!(
+        stderr(&out).contains("holds no private key"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !home.path().join("identity.toml").exists(),
+        "nothing was stored"
+    );
+}
+
+#[test]
+fn a_key_made_here_meets_its_certificate() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let csr_path = dir.path().join("host.csr");
+    let out = postern(home.path(), &["csr", "--out", csr_path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::metadata(home.path().join("pending.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let again = postern(home.path(), &["csr"]);
+    assert!(
+        stderr(&again).contains("still waiting"),
+        "a waiting key is never replaced: {}",
+        stderr(&again)
+    );
+
+    // The administrator signs the request (as `postern-broker issue --csr` does).
+    let csr = std::fs::read_to_string(&csr_path).unwrap();
+    let key = PublicKey::from_csr_pem(csr.as_bytes()).unwrap();
+    let now = SystemTime::now();
+    let keyless = Bundle {
+        certificate: client_ca().issue(&alice(now), &key, now, HOUR).unwrap(),
+        key: None,
+        ..bundle(now, HOUR, &KeyRequest::generate().unwrap(), false)
+    };
+    let file = write_bundle(dir.path(), &keyless);
+    let out = postern(home.path(), &["login", "--bundle", &file]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !home.path().join("pending.key").exists(),
+        "the key moved into the identity"
+    );
+    assert!(postern(home.path(), &["status"]).status.success());
+}
+
+fn logged_in(bundle: &Bundle) -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    postern_agent::Home::at(home.path().to_owned())
+        .store_identity(bundle)
+        .unwrap();
+    home
+}
+
+#[test]
+fn up_refuses_what_would_expose_or_fail() {
+    let home = logged_in(&bundle(
+        SystemTime::now(),
+        HOUR,
+        &KeyRequest::generate().unwrap(),
+        true,
+    ));
+    for (args, expected) in [
+        (
+            ["up", "--listen", "imap=0.0.0.0:1993"],
+            "loopback addresses only",
+        ),
+        (["up", "--listen", "pop3=127.0.0.1:1110"], "does not offer"),
+        (
+            ["up", "--listen", "imap=localhost:1993"],
+            "is not an address",
+        ),
+    ] {
+        let out = postern(home.path(), &args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            stderr(&out).contains(expected),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = format!("imap={}", taken.local_addr().unwrap());
+    let out = postern(home.path(), &["up", "--listen", &listen]);
+    assert!(
+        stderr(&out).contains("Another program uses this port"),
+        "{}",
+        stderr(&out)
+    );
+
+    let expired = logged_in(&bundle(
+        SystemTime::now() - 3 * HOUR,
+        HOUR,
+        &KeyRequest::generate().unwrap(),
+        true,
+    ));
+    let out = postern(expired.path(), &["up"]);
+    assert!(
+        stderr(&out).contains("expired at") && stderr(&out).contains("postern login"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn up_serves_until_sigterm_even_before_the_broker_answers() {
+    let home = logged_in(&bundle(
+        SystemTime::now(),
+        HOUR,
+        &KeyRequest::generate().unwrap(),
+        true,
+    ));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["up", "--listen", "imap=127.0.0.1:0"])
+        .env("POSTERN_HOME", home.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.starts_with("postern: imap on 127.0.0.1:") && line.contains("-> broker 127.0.0.1:9"),
+        "{line}"
+    );
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    assert!(child.wait().unwrap().success());
+}

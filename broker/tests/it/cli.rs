@@ -1,0 +1,409 @@
+//! Each subcommand, and every way it refuses bad input: exit code 64 and a message naming what
+//! to fix.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use postern_certs::Bundle;
+
+fn broker(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_postern-broker"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// `init` into `dir/broker` with one service; returns the configuration file.
+fn init(dir: &Path) -> PathBuf {
+    let out = broker(&[
+        "init",
+        "--dir",
+        dir.join("broker").to_str().unwrap(),
+        "--hostname",
+        "localhost",
+        "--listen",
+        "127.0.0.1:0",
+        "--service",
+        "imap=127.0.0.1:993",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    dir.join("broker/broker.toml")
+}
+
+fn edit(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "`{from}` is in {}", path.display());
+    std::fs::write(path, text.replace(from, to)).unwrap();
+}
+
+#[test]
+fn help_and_usage_errors() {
+    let help = broker(&["--help"]);
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("issue"));
+    let usage = broker(&["serve"]);
+    assert_eq!(usage.status.code(), Some(64), "a usage error is EX_USAGE");
+    assert!(stderr(&usage).contains("--config"));
+}
+
+#[test]
+fn init_writes_a_working_setup_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = broker(&[
+        "init",
+        "--dir",
+        dir.path().join("b").to_str().unwrap(),
+        "--hostname",
+        "gw.example.org",
+        "--service",
+        "imap=mail.internal:993",
+        "--service",
+        "sieve=mail.internal:4190",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("postern-broker serve --config") && stdout.contains("postern-broker issue"),
+        "{stdout}"
+    );
+    for key in ["client-ca.key", "server-ca.key", "server.key"] {
+        let mode = std::fs::metadata(dir.path().join("b/pki").join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+    let config = std::fs::read_to_string(dir.path().join("b/broker.toml")).unwrap();
+    assert!(
+        config.contains("[services.sieve]") && config.contains("hostname = \"gw.example.org\"")
+    );
+    let before = std::fs::read(dir.path().join("b/pki/client-ca.key")).unwrap();
+
+    let again = broker(&[
+        "init",
+        "--dir",
+        dir.path().join("b").to_str().unwrap(),
+        "--hostname",
+        "x.example.org",
+        "--service",
+        "imap=a:1",
+    ]);
+    assert_eq!(again.status.code(), Some(64));
+    assert!(
+        stderr(&again).contains("never overwrites"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("b/pki/client-ca.key")).unwrap(),
+        before,
+        "nothing was lost"
+    );
+}
+
+#[test]
+fn init_refuses_bad_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("b");
+    for (args, expected) in [
+        (
+            vec!["--hostname", "gw.example.org", "--service", "imap"],
+            "NAME=HOST:PORT",
+        ),
+        (
+            vec!["--hostname", "gw.example.org", "--service", "IMAP=mail:993"],
+            "lowercase",
+        ),
+        (
+            vec!["--hostname", "gw.example.org", "--service", "imap=mail"],
+            "HOST:PORT",
+        ),
+        (
+            vec!["--hostname", "not a host", "--service", "imap=mail:993"],
+            "--hostname",
+        ),
+        (
+            vec![
+                "--hostname",
+                "gw.example.org",
+                "--listen",
+                "4433",
+                "--service",
+                "imap=mail:993",
+            ],
+            "--listen",
+        ),
+    ] {
+        let mut all = vec!["init", "--dir", d.to_str().unwrap()];
+        all.extend(args);
+        let out = broker(&all);
+        assert_eq!(out.status.code(), Some(64), "{all:?}");
+        assert!(stderr(&out).contains(expected), "{all:?}: {}", stderr(&out));
+        assert!(!d.exists(), "nothing is written for bad options");
+    }
+}
+
+#[test]
+fn serve_names_the_bad_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path());
+    edit(
+        &config,
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"everywhere\"",
+    );
+    let out = broker(&["serve", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("`broker.listen`"), "{}", stderr(&out));
+
+    edit(
+        &config,
+        "listen = \"everywhere\"",
+        "listen = \"127.0.0.1:0\"\nlisten_backlog = 5",
+    );
+    let out = broker(&["serve", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("listen_backlog"), "{}", stderr(&out));
+}
+
+#[test]
+fn serve_names_an_unreadable_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path());
+    std::fs::remove_file(dir.path().join("broker/pki/server.key")).unwrap();
+    let out = broker(&["serve", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("server.key"), "{}", stderr(&out));
+}
+
+#[test]
+fn serve_explains_a_port_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path());
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    edit(
+        &config,
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    let out = broker(&["serve", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        stderr(&out).contains("another process uses this port"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn serve_locates_policy_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path());
+    std::fs::write(
+        dir.path().join("broker/policies/default.cedar"),
+        "// typo below\npermit (principal, action == Action::\"conect\", resource);\n",
+    )
+    .unwrap();
+    let out = broker(&["serve", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        stderr(&out).contains("default.cedar:2:"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn serve_runs_until_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_postern-broker"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = lines
+            .next()
+            .expect("the broker says it is serving")
+            .unwrap();
+        if line.contains("broker serving") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the broker"
+        );
+    }
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let audit = std::fs::read_to_string(dir.path().join("broker/audit.jsonl")).unwrap();
+    let actions: Vec<String> = audit
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["event"]["action"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(actions, ["broker.start", "broker.stop"]);
+}
+
+#[test]
+fn issue_writes_a_private_admin_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path());
+    let out_path = dir.path().join("backup.bundle");
+    let out = broker(&[
+        "issue",
+        "--config",
+        config.to_str().unwrap(),
+        "--user",
+        "backup@example.org",
+        "--group",
+        "machines",
+        "--ttl",
+        "8h",
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("postern login --bundle"));
+    assert_eq!(
+        std::fs::metadata(&out_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let bundle = Bundle::from_toml(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
+    let certificate = bundle.inspect().unwrap();
+    assert_eq!(
+        certificate.identity.auth.issuance,
+        postern_certs::Issuance::Admin
+    );
+    assert_eq!(certificate.identity.groups, ["machines"]);
+    assert_eq!(
+        certificate
+            .not_after
+            .duration_since(certificate.not_before)
+            .unwrap(),
+        Duration::from_secs(8 * 3600)
+    );
+    assert!(
+        bundle.credential().is_ok(),
+        "the key belongs to the certificate"
+    );
+    assert_eq!(
+        bundle.broker, "localhost:0",
+        "the public address defaults to the hostname and listen port"
+    );
+
+    let audit = std::fs::read_to_string(dir.path().join("broker/audit.jsonl")).unwrap();
+    let event: serde_json::Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
+    assert_eq!(event["event"]["action"], "cert.issue");
+    assert_eq!(event["x509"]["serial_number"], certificate.serial);
+
+    let again = broker(&[
+        "issue",
+        "--config",
+        config.to_str().unwrap(),
+        "--user",
+        "backup@example.org",
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    assert_eq!(again.status.code(), Some(64));
+    assert!(stderr(&again).contains("exists"), "{}", stderr(&again));
+}
+
+#[test]
+fn issue_refuses_what_it_must_not_sign() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path());
+    let out = dir.path().join("x.bundle");
+    for (extra, expected) in [
+        (
+            vec!["--user", "backup@example.org", "--ttl", "25h"],
+            "exceeds the cap",
+        ),
+        (vec!["--user", "not-an-email"], "not an email address"),
+        (
+            vec!["--user", "backup@example.org", "--group", ""],
+            "--group",
+        ),
+    ] {
+        let mut args = vec![
+            "issue",
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let result = broker(&args);
+        assert_eq!(result.status.code(), Some(64), "{args:?}");
+        assert!(
+            stderr(&result).contains(expected),
+            "{args:?}: {}",
+            stderr(&result)
+        );
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn issue_signs_a_request_made_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path());
+    let request = postern_certs::KeyRequest::generate().unwrap();
+    let csr = dir.path().join("host.csr");
+    std::fs::write(&csr, &request.csr_pem).unwrap();
+    let out_path = dir.path().join("host.bundle");
+    let out = broker(&[
+        "issue",
+        "--config",
+        config.to_str().unwrap(),
+        "--user",
+        "host@example.org",
+        "--csr",
+        csr.to_str().unwrap(),
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bundle = Bundle::from_toml(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
+    assert!(bundle.key.is_none(), "the key never left the device");
+    postern_certs::check_key_matches(&bundle.certificate, &request.key_pem).unwrap();
+
+    std::fs::write(
+        &csr,
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+    )
+    .unwrap();
+    let bad = broker(&[
+        "issue",
+        "--config",
+        config.to_str().unwrap(),
+        "--user",
+        "host@example.org",
+        "--csr",
+        csr.to_str().unwrap(),
+        "--out",
+        dir.path().join("y").to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(64));
+    assert!(stderr(&bad).contains("--csr"), "{}", stderr(&bad));
+}

@@ -1,0 +1,18 @@
+//! Every decoder of `postern-proto` on arbitrary bytes: no panic, and whatever decodes
+//! re-encodes to exactly the bytes it was read from.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use postern_proto::{Answer, Frame, Open, frame_len};
+
+fuzz_target!(|data: &[u8]| {
+    if let Some(header) = data.first_chunk() {
+        let _ = frame_len(header);
+    }
+    if let Ok(Some((open, used))) = Open::decode(data) {
+        assert_eq!(open.encode(), &data[..used]);
+    }
+    if let Ok(Some((answer, used))) = Answer::decode(data) {
+        assert_eq!(answer.encode(), &data[..used]);
+    }
+});
