@@ -48,6 +48,12 @@ enum Command {
         #[arg(long = "service", value_name = "NAME=HOST:PORT", required = true)]
         services: Vec<String>,
     },
+    /// Check the configuration, certificates and policies as `serve` would, without serving.
+    Check {
+        /// The broker's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Run the broker until SIGTERM or Ctrl-C (a second one cuts open sessions at once).
     Serve {
         /// The broker's configuration file.
@@ -125,6 +131,30 @@ fn run(command: Command) -> Result<(), Failure> {
             };
             let config_path = init(&options, SystemTime::now()).map_err(config_failure)?;
             print_init_summary(&options, &config_path);
+            Ok(())
+        }
+        Command::Check { config } => {
+            let config = Config::load(&config).map_err(config_failure)?;
+            let checked = crate::serve::check(&config).map_err(config_failure)?;
+            println!("{} is ready to serve:", config.path.display());
+            println!("  listen            udp {}", config.listen);
+            println!(
+                "  server cert       for {}, valid until {}",
+                config.hostname,
+                postern_certs::rfc3339(checked.server_not_after)
+            );
+            println!("  client CAs        {} trusted", checked.client_cas);
+            println!(
+                "  policies          {} from {}",
+                checked.policies,
+                config.policy_dir.display()
+            );
+            for (name, service) in &config.services {
+                println!(
+                    "  service {name:<9} -> {}",
+                    config::join_host_port(&service.host, service.port)
+                );
+            }
             Ok(())
         }
         Command::Serve { config } => serve(&config),

@@ -16,4 +16,4 @@ pub mod init;
 pub mod issue;
 pub mod serve;
 
-pub use serve::{Broker, StartError};
+pub use serve::{Broker, Checked, StartError, check};

@@ -124,84 +124,22 @@ impl Broker {
     ///
     /// Must run inside a Tokio runtime.
     pub fn start(config: Config) -> Result<Self, StartError> {
-        Self::start_with_audit(config, None)
-    }
-
-    /// Like [`start`](Broker::start), writing audit events to `audit` instead of the configured
-    /// sink (tests).
-    pub fn start_with_audit(config: Config, audit: Option<Arc<Audit>>) -> Result<Self, StartError> {
-        let pki = &config.pki;
-        for key in [&pki.server_key, &pki.client_ca_key] {
-            if store::readable_by_others(key).unwrap_or(false) {
-                warn!(path = %key.display(), "private key file is readable by other users; run `chmod 600` on it");
-            }
-        }
-        let chain = store::read_certificates(&pki.server_cert)?;
-        let (_, key) = store::read_private_key(&pki.server_key)?;
-        let client_cas = store::read_certificates(&pki.client_ca)?;
-        let limits = VerifyLimits {
-            max_clock_skew: pki.max_clock_skew,
-            max_lifetime: pki.max_cert_lifetime,
-        };
-        let verifier =
-            ClientVerifier::new(&client_cas, limits).map_err(|e| StartError::BadPki {
-                path: pki.client_ca.clone(),
-                message: e.to_string(),
-            })?;
-        let verifier = Arc::new(verifier);
-        let tls = postern_certs::server_config(chain, key, verifier.clone(), &[ALPN_TUNNEL])
-            .map_err(|e| StartError::BadPki {
-                path: pki.server_key.clone(),
-                message: e.to_string(),
-            })?;
-        let quic = QuicServerConfig::try_from(tls).map_err(|e| StartError::BadPki {
-            path: pki.server_cert.clone(),
-            message: e.to_string(),
-        })?;
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        let tuning = Tuning {
-            idle_timeout: config.limits.idle_timeout,
-            keep_alive: None,
-            max_concurrent_streams: config.limits.max_streams_per_connection,
-        };
-        server_config.transport_config(tuning.transport_config());
-
-        let policies =
-            Policies::load_dir(&config.policy_dir).map_err(|source| StartError::Policy {
-                path: config.policy_dir.clone(),
+        let Loaded {
+            server_config,
+            verifier,
+            policies,
+            services,
+            ..
+        } = Loaded::from_config(&config, SystemTime::now())?;
+        let audit = Arc::new(
+            Audit::open(&config.audit).map_err(|source| StartError::Audit {
+                target: match &config.audit {
+                    crate::config::AuditTarget::File(path) => path.display().to_string(),
+                    crate::config::AuditTarget::Stdout => "-".into(),
+                },
                 source,
-            })?;
-        let audit = match audit {
-            Some(audit) => audit,
-            None => Arc::new(
-                Audit::open(&config.audit).map_err(|source| StartError::Audit {
-                    target: match &config.audit {
-                        crate::config::AuditTarget::File(path) => path.display().to_string(),
-                        crate::config::AuditTarget::Stdout => "-".into(),
-                    },
-                    source,
-                })?,
-            ),
-        };
-        let services = config
-            .services
-            .iter()
-            .map(|(name, service)| {
-                let policy = postern_policy::Service {
-                    name: name.to_string(),
-                    protocol: service.protocol.as_str().to_owned(),
-                    tags: service.tags.clone(),
-                };
-                (
-                    name.clone(),
-                    Service {
-                        config: service.clone(),
-                        policy,
-                    },
-                )
-            })
-            .collect();
-
+            })?,
+        );
         let endpoint = Endpoint::server(server_config, config.listen).map_err(|source| StartError::Bind {
             addr: config.listen,
             hint: match source.kind() {
@@ -302,6 +240,128 @@ impl Broker {
         });
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         info!("broker stopped");
+    }
+}
+
+/// Everything a configuration names, loaded and checked; nothing bound yet.
+struct Loaded {
+    server_config: quinn::ServerConfig,
+    verifier: Arc<ClientVerifier>,
+    policies: Policies,
+    services: BTreeMap<ServiceName, Service>,
+    server_not_after: SystemTime,
+    client_cas: usize,
+}
+
+/// What `postern-broker check` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    /// Services configured.
+    pub services: usize,
+    /// Policies loaded.
+    pub policies: usize,
+    /// CA certificates whose client certificates are accepted.
+    pub client_cas: usize,
+    /// When the broker's own certificate ends.
+    pub server_not_after: SystemTime,
+}
+
+/// Loads and checks everything `serve` would, without binding or writing anything.
+pub fn check(config: &Config) -> Result<Checked, StartError> {
+    let loaded = Loaded::from_config(config, SystemTime::now())?;
+    Ok(Checked {
+        services: loaded.services.len(),
+        policies: loaded.policies.len(),
+        client_cas: loaded.client_cas,
+        server_not_after: loaded.server_not_after,
+    })
+}
+
+impl Loaded {
+    fn from_config(config: &Config, now: SystemTime) -> Result<Self, StartError> {
+        let pki = &config.pki;
+        for key in [&pki.server_key, &pki.client_ca_key] {
+            if store::readable_by_others(key).unwrap_or(false) {
+                warn!(path = %key.display(), "private key file is readable by other users; run `chmod 600` on it");
+            }
+        }
+        let bad = |path: &std::path::Path, message: String| StartError::BadPki {
+            path: path.to_owned(),
+            message,
+        };
+        let chain = store::read_certificates(&pki.server_cert)?;
+        let (_, key) = store::read_private_key(&pki.server_key)?;
+        let server_cas = store::read_certificates(&pki.server_ca)?;
+        let server_not_after =
+            postern_certs::check_server_chain(&chain, &server_cas, &config.hostname, now).map_err(
+                |e| {
+                    bad(
+                        &pki.server_cert,
+                        format!(
+                            "agents trusting `{}` would refuse it for `{}`: {e}",
+                            pki.server_ca.display(),
+                            config.hostname
+                        ),
+                    )
+                },
+            )?;
+        if server_not_after.duration_since(now).unwrap_or_default()
+            < Duration::from_secs(30 * 24 * 3600)
+        {
+            warn!(not_after = %postern_certs::rfc3339(server_not_after), "the broker's certificate ends within 30 days; renew it (docs/operations.md)");
+        }
+        let client_cas = store::read_certificates(&pki.client_ca)?;
+        let limits = VerifyLimits {
+            max_clock_skew: pki.max_clock_skew,
+            max_lifetime: pki.max_cert_lifetime,
+        };
+        let verifier = Arc::new(
+            ClientVerifier::new(&client_cas, limits)
+                .map_err(|e| bad(&pki.client_ca, e.to_string()))?,
+        );
+        let tls = postern_certs::server_config(chain, key, verifier.clone(), &[ALPN_TUNNEL])
+            .map_err(|e| bad(&pki.server_key, e.to_string()))?;
+        let quic =
+            QuicServerConfig::try_from(tls).map_err(|e| bad(&pki.server_cert, e.to_string()))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        let tuning = Tuning {
+            idle_timeout: config.limits.idle_timeout,
+            keep_alive: None,
+            max_concurrent_streams: config.limits.max_streams_per_connection,
+        };
+        server_config.transport_config(tuning.transport_config());
+
+        let policies =
+            Policies::load_dir(&config.policy_dir).map_err(|source| StartError::Policy {
+                path: config.policy_dir.clone(),
+                source,
+            })?;
+        let services = config
+            .services
+            .iter()
+            .map(|(name, service)| {
+                let policy = postern_policy::Service {
+                    name: name.to_string(),
+                    protocol: service.protocol.as_str().to_owned(),
+                    tags: service.tags.clone(),
+                };
+                (
+                    name.clone(),
+                    Service {
+                        config: service.clone(),
+                        policy,
+                    },
+                )
+            })
+            .collect();
+        Ok(Self {
+            server_config,
+            verifier,
+            policies,
+            services,
+            server_not_after,
+            client_cas: client_cas.len(),
+        })
     }
 }
 

@@ -41,8 +41,8 @@ pub use identity::{
 };
 pub use secret::SecretPem;
 pub use tls::{
-    ClientCredential, Role, RoleError, TlsError, client_config, connection_role, provider,
-    server_config,
+    ClientCredential, Role, RoleError, TlsError, check_server_chain, client_config,
+    connection_role, provider, server_config,
 };
 pub use verify::{
     ClientVerifier, TlsClientVerifier, TrustError, VerifiedClient, VerifyError, VerifyLimits,

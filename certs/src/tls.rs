@@ -50,6 +50,9 @@ pub enum TlsError {
     /// None of the CA certificates could be used as a trust anchor.
     #[error("no usable CA certificate for the broker: {0}")]
     NoRoots(String),
+    /// The broker's own certificate would not be accepted by agents.
+    #[error("{0}")]
+    Unusable(String),
 }
 
 /// The crypto provider every Postern TLS configuration uses.
@@ -109,6 +112,43 @@ pub fn client_config(
     config.alpn_protocols = vec![alpn.to_vec()];
     config.enable_early_data = false;
     Ok(config)
+}
+
+/// Checks that `chain` is a certificate agents trusting `server_cas` accept for `host_name` at
+/// `now`, and returns when it ends: a broker checks its own certificate before it serves.
+pub fn check_server_chain(
+    chain: &[CertificateDer<'static>],
+    server_cas: &[CertificateDer<'static>],
+    host_name: &str,
+    now: SystemTime,
+) -> Result<SystemTime, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(server_cas.iter().cloned());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::NoRoots(e.to_string()))?;
+    let (end_entity, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| TlsError::Unusable("the certificate file is empty".into()))?;
+    let name = rustls_pki_types::ServerName::try_from(host_name.to_owned())
+        .map_err(|_| TlsError::Unusable(format!("`{host_name}` is not a host name")))?;
+    let at = rustls_pki_types::UnixTime::since_unix_epoch(
+        now.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default(),
+    );
+    rustls::client::danger::ServerCertVerifier::verify_server_cert(
+        &*verifier,
+        end_entity,
+        intermediates,
+        &name,
+        &[],
+        at,
+    )?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(end_entity)
+        .map_err(|e| TlsError::Unusable(format!("the certificate does not parse: {e}")))?;
+    crate::verify::system_time(parsed.validity().not_after.timestamp())
+        .ok_or_else(|| TlsError::Unusable("the certificate's validity is out of range".into()))
 }
 
 /// Decides what a connection may do from its negotiated ALPN and the client's certificates.

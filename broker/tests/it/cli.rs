@@ -175,6 +175,38 @@ fn serve_names_the_bad_setting() {
 }
 
 #[test]
+fn check_reports_a_ready_setup_and_a_wrong_hostname() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path());
+    let out = broker(&["check", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("is ready to serve")
+            && text.contains("for localhost")
+            && text.contains("service imap"),
+        "{text}"
+    );
+    assert!(
+        !dir.path().join("broker/audit.jsonl").exists(),
+        "check writes nothing"
+    );
+
+    edit(
+        &config,
+        "hostname = \"localhost\"",
+        "hostname = \"gw.example.org\"",
+    );
+    let out = broker(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        stderr(&out).contains("would refuse it for `gw.example.org`"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn serve_names_an_unreadable_key() {
     let dir = tempfile::tempdir().unwrap();
     let config = init(dir.path());
