@@ -136,11 +136,11 @@ impl Dovecot {
             if TcpStream::connect(self.addr()).is_ok() {
                 return true;
             }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    eprintln!("dovecot exited with {status}:\n{}", self.logs());
-                    return false;
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                eprintln!("dovecot exited with {status}:\n{}", self.logs());
+                return false;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
