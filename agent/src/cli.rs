@@ -89,11 +89,13 @@ fn run(command: Command) -> anyhow::Result<()> {
 
 fn login(home: &Home, path: &std::path::Path) -> anyhow::Result<()> {
     let mut bundle = read_bundle(path)?;
-    if bundle.key.is_none() {
+    let uses_pending_key = bundle.key.is_none();
+    if uses_pending_key {
         let Some(key) = home.pending_key()? else {
             bail!(
-                "`{}` holds no private key, and no key made by `postern csr` is waiting on this device; \
-                 it was issued for a key on another device",
+                "`{}` holds no private key, and no key made by `postern csr` is waiting on this device, \
+                 so it was issued for a key elsewhere; ask your administrator for a bundle with a key, \
+                 or run `postern csr` here and have them issue one for that request",
                 path.display()
             );
         };
@@ -106,13 +108,15 @@ fn login(home: &Home, path: &std::path::Path) -> anyhow::Result<()> {
     let now = SystemTime::now();
     if certificate.not_after < now {
         bail!(
-            "the certificate in `{}` expired at {}; ask for a new one",
+            "the certificate in `{}` expired at {}; ask your administrator for a new bundle",
             path.display(),
             postern_certs::rfc3339(certificate.not_after)
         );
     }
     home.store_identity(&bundle)?;
-    home.remove_pending_key()?;
+    if uses_pending_key {
+        home.remove_pending_key()?;
+    }
     println!(
         "Logged in as {} through {}; the certificate is valid until {} ({}).",
         certificate.identity.display_name(),
@@ -125,7 +129,7 @@ fn login(home: &Home, path: &std::path::Path) -> anyhow::Result<()> {
         home.identity_path().display(),
         path.display()
     );
-    println!("Next: postern up");
+    println!("Next: postern up (restart it if it is running)");
     Ok(())
 }
 

@@ -88,6 +88,9 @@ impl Home {
             }
             Err(source) => return Err(StoreError::Read { path, source }.into()),
         };
+        if store::readable_by_others(&path).unwrap_or(false) {
+            tracing::warn!(path = %path.display(), "the identity holds a private key and others can read it; run `chmod 600` on it");
+        }
         let bundle = Bundle::from_toml(&text).map_err(|source| HomeError::BadIdentity {
             path: path.clone(),
             source,
@@ -139,12 +142,19 @@ impl Home {
         builder.recursive(true);
         #[cfg(unix)]
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder
-            .create(&self.dir)
-            .map_err(|source| HomeError::CreateDir {
-                path: self.dir.clone(),
-                source,
-            })
+        let failed = |source| HomeError::CreateDir {
+            path: self.dir.clone(),
+            source,
+        };
+        builder.create(&self.dir).map_err(failed)?;
+        // A folder that existed before keeps its mode otherwise.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(failed)?;
+        }
+        Ok(())
     }
 }
 

@@ -34,31 +34,30 @@ pub fn same_user(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<bool>
 mod linux {
     use super::*;
 
-    /// The uid owning the TCP socket whose local address is `socket_local` and remote address
-    /// is `socket_remote`, read from `/proc/net/tcp` and `/proc/net/tcp6` (this network
+    /// The uid owning the live TCP socket whose local address is `socket_local` and remote
+    /// address is `socket_remote`, read from `/proc/net/tcp` and `/proc/net/tcp6` (this network
     /// namespace's tables).
     #[cfg(target_os = "linux")]
     pub(super) fn socket_owner(
         socket_local: SocketAddr,
         socket_remote: SocketAddr,
     ) -> io::Result<Option<u32>> {
-        if let (SocketAddr::V4(l), SocketAddr::V4(r)) = (socket_local, socket_remote) {
+        let (local, remote) = (unmapped(socket_local), unmapped(socket_remote));
+        if local.is_ipv4() && remote.is_ipv4() {
             let table = std::fs::read_to_string("/proc/net/tcp")?;
-            if let Some(uid) = find_owner(&table, socket_local, socket_remote) {
+            if let Some(uid) = find_owner(&table, local, remote) {
                 return Ok(Some(uid));
             }
             // A dual-stack client socket lists IPv4 peers as mapped IPv6 addresses.
-            let mapped = |a: std::net::SocketAddrV4| {
-                SocketAddr::new(IpAddr::V6(a.ip().to_ipv6_mapped()), a.port())
-            };
             let table = std::fs::read_to_string("/proc/net/tcp6")?;
-            return Ok(find_owner(&table, mapped(l), mapped(r)));
+            return Ok(find_owner(&table, mapped(local), mapped(remote)));
         }
         let table = std::fs::read_to_string("/proc/net/tcp6")?;
-        Ok(find_owner(&table, socket_local, socket_remote))
+        Ok(find_owner(&table, local, remote))
     }
 
-    /// Finds the `uid` column of the row for a socket in a `/proc/net/tcp*` table.
+    /// Finds the `uid` column of the row for a live socket (inode not 0: not TIME_WAIT) in a
+    /// `/proc/net/tcp*` table.
     pub(super) fn find_owner(
         table: &str,
         socket_local: SocketAddr,
@@ -66,11 +65,38 @@ mod linux {
     ) -> Option<u32> {
         table.lines().skip(1).find_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let (local, remote, uid) = (fields.get(1)?, fields.get(2)?, fields.get(7)?);
-            (parse_address(local)? == socket_local && parse_address(remote)? == socket_remote)
+            let (local, remote, uid, inode) = (
+                fields.get(1)?,
+                fields.get(2)?,
+                fields.get(7)?,
+                fields.get(9)?,
+            );
+            let live = *inode != "0";
+            (live
+                && parse_address(local)? == socket_local
+                && parse_address(remote)? == socket_remote)
                 .then(|| uid.parse().ok())
                 .flatten()
         })
+    }
+
+    /// `::ffff:a.b.c.d` as `a.b.c.d`.
+    fn unmapped(addr: SocketAddr) -> SocketAddr {
+        match addr.ip() {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(addr, |v4| SocketAddr::new(IpAddr::V4(v4), addr.port())),
+            IpAddr::V4(_) => addr,
+        }
+    }
+
+    /// `a.b.c.d` as `::ffff:a.b.c.d`.
+    #[cfg(target_os = "linux")]
+    fn mapped(addr: SocketAddr) -> SocketAddr {
+        match addr.ip() {
+            IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), addr.port()),
+            IpAddr::V6(_) => addr,
+        }
     }
 
     /// Parses `0100007F:1F90`: the address as the kernel's in-memory words in hex, the port
@@ -102,8 +128,9 @@ mod tests {
     /// Rows as a little-endian Linux prints them.
     const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 0100007F:0D3D 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1001 1 0000000000000000 100 0 0 10 0
-   1: 0100007F:C350 0100007F:0D3D 01 00000000:00000000 00:00000000 00000000  1000        0 1002 1 0000000000000000 20 4 30 10 -1
-   2: 0100007F:0D3D 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 1003 1 0000000000000000 20 4 30 10 -1
+   1: 0100007F:C350 0100007F:0D3D 06 00000000:00000000 03:00001770 00000000     0        0 0 3 0000000000000000
+   2: 0100007F:C350 0100007F:0D3D 01 00000000:00000000 00:00000000 00000000  1000        0 1002 1 0000000000000000 20 4 30 10 -1
+   3: 0100007F:0D3D 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 1003 1 0000000000000000 20 4 30 10 -1
 ";
     const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000000000000000000001000000:C351 00000000000000000000000001000000:0D3D 01 00000000:00000000 00:00000000 00000000  65534        0 2001 1 0000000000000000 20 4 30 10 -1
@@ -114,7 +141,11 @@ mod tests {
     fn finds_the_client_side_row() {
         let server: SocketAddr = "127.0.0.1:3389".parse().unwrap();
         let client: SocketAddr = "127.0.0.1:50000".parse().unwrap();
-        assert_eq!(find_owner(TCP, client, server), Some(1000));
+        assert_eq!(
+            find_owner(TCP, client, server),
+            Some(1000),
+            "a TIME_WAIT row (uid 0) is not the live socket"
+        );
         assert_eq!(
             find_owner(TCP, server, client),
             Some(0),
@@ -153,13 +184,22 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn a_real_connection_is_ours() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (accepted, peer) = listener.accept().unwrap();
-        assert_eq!(
-            same_user(accepted.local_addr().unwrap(), peer).unwrap(),
-            Some(true)
-        );
-        drop(client);
+        let mut tried = 0;
+        for listen in ["127.0.0.1:0", "[::1]:0", "[::ffff:127.0.0.1]:0"] {
+            // Machines without IPv6 have no ::1.
+            let Ok(listener) = std::net::TcpListener::bind(listen) else {
+                continue;
+            };
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (accepted, peer) = listener.accept().unwrap();
+            assert_eq!(
+                same_user(accepted.local_addr().unwrap(), peer).unwrap(),
+                Some(true),
+                "{listen}"
+            );
+            drop(client);
+            tried += 1;
+        }
+        assert!(tried >= 2, "at least the IPv4 listeners were tried");
     }
 }

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postern_certs::{Bundle, ClientCredential};
 use postern_proto::{ALPN_TUNNEL, Answer, CloseCode, Open, Refusal, ServiceName};
@@ -28,17 +28,28 @@ const ATTEMPT_STAGGER: Duration = Duration::from_millis(250);
 /// Time a connection attempt to one address may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Time the broker has to answer `Open`; its own budget (naming and connecting to the
+/// service) is well below.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The connection to the broker, made on first use and remade when it is lost.
 #[derive(Debug)]
 pub struct Tunnel {
     endpoint: Endpoint,
     broker: String,
     server_name: String,
-    connection: Mutex<Option<Connection>>,
+    slot: Mutex<Slot>,
+}
+
+/// The current connection, or why the last attempt to make one failed.
+#[derive(Debug, Default)]
+struct Slot {
+    connection: Option<Connection>,
+    failure: Option<(Instant, TunnelError)>,
 }
 
 /// Why a stream could not be opened.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TunnelError {
     /// The broker's name did not resolve.
     #[error("cannot resolve the broker address `{broker}`: {detail}")]
@@ -85,7 +96,7 @@ impl Tunnel {
             endpoint,
             broker: bundle.broker.clone(),
             server_name: bundle.server_name.clone(),
-            connection: Mutex::new(None),
+            slot: Mutex::new(Slot::default()),
         })
     }
 
@@ -96,14 +107,36 @@ impl Tunnel {
 
     /// The live connection, connecting first if there is none.
     pub async fn connection(&self) -> Result<Connection, TunnelError> {
-        let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
+        let asked = Instant::now();
+        let mut slot = self.slot.lock().await;
+        if let Some(connection) = slot
+            .connection
+            .as_ref()
+            .filter(|c| c.close_reason().is_none())
+        {
             return Ok(connection.clone());
         }
-        let connection = self.connect().await?;
-        info!(broker = %self.broker, remote = %connection.remote_address(), "connected to the broker");
-        *slot = Some(connection.clone());
-        Ok(connection)
+        // Callers that queued behind an attempt that failed share its result instead of each
+        // waiting for an attempt of their own.
+        if let Some((failed_at, failure)) = &slot.failure
+            && *failed_at >= asked
+        {
+            return Err(failure.clone());
+        }
+        match self.connect().await {
+            Ok(connection) => {
+                info!(broker = %self.broker, remote = %connection.remote_address(), "connected to the broker");
+                *slot = Slot {
+                    connection: Some(connection.clone()),
+                    failure: None,
+                };
+                Ok(connection)
+            }
+            Err(failure) => {
+                slot.failure = Some((Instant::now(), failure.clone()));
+                Err(failure)
+            }
+        }
     }
 
     /// Opens a stream to `service` and waits for the broker's answer.
@@ -155,10 +188,14 @@ impl Tunnel {
         )
         .await
         .map_err(|e| lost(&e))?;
-        match read_frame::<Answer>(&mut recv).await {
-            Ok(Answer::Opened) => Ok((send, recv)),
-            Ok(Answer::Refused(refusal)) => Err(TunnelError::Refused(refusal)),
-            Err(err) => Err(lost(&err)),
+        match tokio::time::timeout(ANSWER_TIMEOUT, read_frame::<Answer>(&mut recv)).await {
+            Ok(Ok(Answer::Opened)) => Ok((send, recv)),
+            Ok(Ok(Answer::Refused(refusal))) => Err(TunnelError::Refused(refusal)),
+            Ok(Err(err)) => Err(lost(&err)),
+            Err(_) => Err(TunnelError::Lost(format!(
+                "the broker did not answer within {}s",
+                ANSWER_TIMEOUT.as_secs()
+            ))),
         }
     }
 
@@ -181,11 +218,11 @@ impl Tunnel {
         }
         let mut attempts = JoinSet::new();
         for (index, address) in addresses.iter().copied().enumerate() {
-            let connecting = self.endpoint.connect(address, &self.server_name);
+            let (endpoint, server_name) = (self.endpoint.clone(), self.server_name.clone());
             let delay = ATTEMPT_STAGGER * u32::try_from(index).unwrap_or(u32::MAX);
             attempts.spawn(async move {
                 tokio::time::sleep(delay).await;
-                let connecting = connecting.map_err(|e| (address, e.to_string()))?;
+                let connecting = endpoint.connect(address, &server_name).map_err(|e| (address, e.to_string()))?;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
                     Ok(result) => result.map_err(|e| (address, explain(&e))),
                     Err(_) => Err((address, format!("no answer within {}s; check the address and that its UDP port is reachable from here", HANDSHAKE_TIMEOUT.as_secs()))),
@@ -207,31 +244,44 @@ impl Tunnel {
     }
 }
 
+/// What to do when the broker turns this device's identity away.
+pub const GET_A_NEW_IDENTITY: &str = "get a new identity: ask your administrator for a bundle, import it with \
+     `postern login --bundle FILE`, then restart `postern up`";
+
 /// What a connection error means for the person at the keyboard.
 pub fn explain(error: &ConnectionError) -> String {
+    let new = GET_A_NEW_IDENTITY;
     match error {
         ConnectionError::ConnectionClosed(close) => {
             let code = u64::from(close.error_code);
             match code.checked_sub(0x100).filter(|alert| *alert < 0x100) {
-                Some(42 | 43 | 46) => "the broker refused this device's certificate; run `postern login` to get a new one".into(),
-                Some(45) => "the broker says this device's certificate has expired; run `postern login` to get a new one".into(),
-                Some(48) => "the broker does not know the CA of this device's certificate (was it issued by another broker?); run `postern login`".into(),
-                Some(116) => "the broker requires a client certificate; run `postern login`".into(),
+                Some(42) => format!("the broker found this device's certificate malformed; {new}"),
+                Some(43) => format!("the broker says this device's certificate is not for client authentication; {new}"),
+                Some(45) => format!("the broker says this device's certificate has expired or is not valid yet (check this computer's clock); {new}"),
+                Some(48) => format!("this device's certificate was not issued by this broker; {new}"),
+                Some(49) => format!("this device's certificate is valid for longer than the broker allows; {new}"),
+                Some(51) => format!("the signature on this device's certificate does not match the broker's CA (issued elsewhere, or altered); {new}"),
+                Some(116) => format!("the broker requires a client certificate; {new}"),
                 Some(120) => "the broker does not speak this agent's protocol version; update postern".into(),
-                _ => format!("the broker closed the connection: {close}"),
+                Some(_) => format!("the broker refused this device's certificate ({close}); {new}"),
+                None => format!("the broker closed the connection: {close}"),
             }
         }
         ConnectionError::ApplicationClosed(close) => {
             let code = CloseCode::from_u64(close.error_code.into_inner());
             let reason = String::from_utf8_lossy(&close.reason);
             match code {
-                CloseCode::IdentityRequired => format!("the broker did not accept this device's certificate ({reason}); run `postern login`"),
+                CloseCode::IdentityRequired => format!("the broker did not accept this device's certificate ({reason}); {new}"),
                 CloseCode::ShuttingDown => "the broker is shutting down; the agent reconnects on the next connection".into(),
                 other => format!("the broker closed the connection: {other} ({reason})"),
             }
         }
+        ConnectionError::TransportError(err) if err.reason.contains("Expired") || err.reason.contains("NotValidYet") => format!(
+            "the broker's own certificate is expired or not valid yet ({}); check this computer's clock, or tell your administrator",
+            err.reason
+        ),
         ConnectionError::TransportError(err) if err.reason.contains("certificate") => format!(
-            "the broker's certificate is not the one this identity trusts ({}); check the broker address or get a new bundle",
+            "the broker's certificate is not the one this identity trusts ({}); check the broker address, or ask your administrator for a new bundle",
             err.reason
         ),
         ConnectionError::TimedOut => "the broker did not answer; check the address and that its UDP port is reachable from here".into(),

@@ -31,7 +31,7 @@ pub enum UpError {
     #[error("{0}")]
     Identity(String),
     /// The certificate has expired.
-    #[error("this device's certificate expired at {0}; run `postern login` to get a new one")]
+    #[error("this device's certificate expired at {0}; {GET_A_NEW_IDENTITY}", GET_A_NEW_IDENTITY = crate::tunnel::GET_A_NEW_IDENTITY)]
     Expired(String),
     /// A `--listen` option is invalid.
     #[error("{0}")]
@@ -195,20 +195,21 @@ async fn serve_local(
     tunnel: &Tunnel,
     shutdown: &CancellationToken,
 ) {
-    let local = local.or_else(|| stream.local_addr().ok());
-    if let Some(local) = local {
-        match local::same_user(local, peer) {
-            Ok(Some(true)) | Ok(None) => {}
-            Ok(Some(false)) => {
-                warn!(
-                    "refused a connection from a program of another user: only this user's programs may use this tunnel"
-                );
-                return;
-            }
-            Err(err) => {
-                warn!(error = %err, "cannot tell which user connected; refusing the connection");
-                return;
-            }
+    let Some(local) = local.or_else(|| stream.local_addr().ok()) else {
+        warn!("cannot tell which address the connection came in on; refusing it");
+        return;
+    };
+    match local::same_user(local, peer) {
+        Ok(Some(true) | None) => {}
+        Ok(Some(false)) => {
+            warn!(
+                "refused a connection from a program of another user: only this user's programs may use this tunnel"
+            );
+            return;
+        }
+        Err(err) => {
+            warn!(error = %err, "cannot tell which user connected; refusing the connection");
+            return;
         }
     }
     // Without it an interactive protocol can stall on Nagle's algorithm and delayed ACKs.

@@ -4,25 +4,56 @@
 //! carry a sequence number per process (`event.sequence`, with `service.ephemeral_id` naming
 //! the process) so that a gap is visible, and go to their own sink, which log levels do not
 //! touch.
+//!
+//! One thread writes the sink, so that a slow disk or a stalled standard output never blocks
+//! the tasks that serve connections, and numbers lines in the order they are written. Events
+//! that must be on record before the broker acts on them are acknowledged; others are queued,
+//! and if the queue overflows the loss itself is recorded (`audit.gap`).
 
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use postern_certs::{Identity, VerifiedClient};
 use serde_json::{Map, Value, json};
+use tokio::sync::oneshot;
 
 use crate::config::AuditTarget;
 
+/// Events waiting for the writer before new ones are dropped (and the gap recorded).
+const QUEUE: usize = 4096;
+
+/// Time an acknowledged event may wait for the writer.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Where audit events are written.
 pub struct Audit {
-    sink: Mutex<Box<dyn Write + Send>>,
-    sequence: AtomicU64,
+    queue: Option<SyncSender<Record>>,
+    dropped: Arc<AtomicU64>,
+    writer: Mutex<Option<JoinHandle<()>>>,
     ephemeral_id: String,
+}
+
+/// One rendered event on its way to the writer.
+struct Record {
+    event: Value,
+    ack: Ack,
+}
+
+/// Who waits to learn that an event was written.
+enum Ack {
+    /// Nobody: a failure is logged.
+    None,
+    /// A task.
+    Task(oneshot::Sender<io::Result<()>>),
+    /// A thread outside any async runtime.
+    Thread(SyncSender<io::Result<()>>),
 }
 
 /// Something the broker decided or observed, for the audit trail.
@@ -143,58 +174,93 @@ impl Audit {
                 Box::new(options.open(path)?)
             }
         };
-        Ok(Self::with_sink(sink))
+        Self::with_sink(sink)
     }
 
     /// An audit trail writing to `sink`.
-    pub fn with_sink(sink: Box<dyn Write + Send>) -> Self {
+    pub fn with_sink(sink: Box<dyn Write + Send>) -> io::Result<Self> {
+        Self::with_queue(sink, QUEUE)
+    }
+
+    fn with_queue(sink: Box<dyn Write + Send>, capacity: usize) -> io::Result<Self> {
         let ephemeral_id = postern_certs::RandomId::generate()
             .map(|id| id.to_string())
             .unwrap_or_default();
-        Self {
-            sink: Mutex::new(sink),
-            sequence: AtomicU64::new(0),
+        let (queue, records) = mpsc::sync_channel(capacity);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (dropped, ephemeral_id) = (dropped.clone(), ephemeral_id.clone());
+            std::thread::Builder::new()
+                .name("audit".into())
+                .spawn(move || write_records(sink, &records, &dropped, &ephemeral_id))?
+        };
+        Ok(Self {
+            queue: Some(queue),
+            dropped,
+            writer: Mutex::new(Some(writer)),
             ephemeral_id,
+        })
+    }
+
+    /// Writes one event and waits until it is written and flushed: for decisions the broker
+    /// acts on only once they are on record.
+    pub async fn record(&self, event: &Event<'_>) -> io::Result<()> {
+        let (ack, written) = oneshot::channel();
+        self.enqueue(event, Ack::Task(ack))?;
+        match tokio::time::timeout(ACK_TIMEOUT, written).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(io::Error::other("the audit writer stopped")),
+            Err(_) => Err(io::Error::other(
+                "the audit trail did not accept the event in time",
+            )),
         }
     }
 
-    /// Writes one event and flushes it.
-    pub fn record(&self, event: &Event<'_>) -> io::Result<()> {
-        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut line =
-            serde_json::to_vec(&self.render(event, sequence)).map_err(io::Error::other)?;
-        line.push(b'\n');
-        let mut sink = self
-            .sink
-            .lock()
-            .map_err(|_| io::Error::other("audit sink poisoned"))?;
-        sink.write_all(&line)?;
-        sink.flush()
+    /// Like [`record`](Self::record), blocking the calling thread (command-line tools).
+    pub fn record_blocking(&self, event: &Event<'_>) -> io::Result<()> {
+        let (ack, written) = mpsc::sync_channel(1);
+        self.enqueue(event, Ack::Thread(ack))?;
+        written
+            .recv_timeout(ACK_TIMEOUT)
+            .map_err(|_| io::Error::other("the audit trail did not accept the event in time"))?
     }
 
-    /// Writes one event; a failure is logged, for events that report what already happened.
+    /// Queues one event that reports what already happened. If the queue is full the event is
+    /// lost, counted, and the gap recorded once the writer catches up.
     pub fn record_or_log(&self, event: &Event<'_>) {
-        if let Err(err) = self.record(event) {
-            tracing::error!(error = %err, event = event.action(), "cannot write the audit trail");
+        if let Err(err) = self.enqueue(event, Ack::None) {
+            tracing::error!(error = %err, event = event.action(), "cannot queue an audit event");
         }
     }
 
-    fn render(&self, event: &Event<'_>, sequence: u64) -> Value {
-        let timestamp = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
-        let mut out = json!({
-            "@timestamp": timestamp,
-            "ecs": { "version": "8.11.0" },
-            "service": { "type": "postern-broker", "ephemeral_id": self.ephemeral_id },
-            "event": {
-                "kind": "event",
-                "action": event.action(),
-                "category": event.category(),
-                "outcome": event.outcome(),
-                "sequence": sequence,
-            },
-        });
+    fn enqueue(&self, event: &Event<'_>, ack: Ack) -> io::Result<()> {
+        let queue = self
+            .queue
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the audit trail is closed"))?;
+        match queue.try_send(Record {
+            event: self.render(event),
+            ack,
+        }) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                Err(io::Error::other(
+                    "the audit queue is full: the sink is too slow or stalled",
+                ))
+            }
+            Err(TrySendError::Disconnected(_)) => Err(io::Error::other("the audit writer stopped")),
+        }
+    }
+
+    /// The event as ECS JSON, without its sequence number (the writer adds it).
+    fn render(&self, event: &Event<'_>) -> Value {
+        let mut out = envelope(
+            &self.ephemeral_id,
+            event.action(),
+            event.category(),
+            event.outcome(),
+        );
         let fields = match event {
             Event::BrokerStart {
                 listen,
@@ -292,6 +358,75 @@ impl Audit {
         merge(&mut out, fields);
         out
     }
+}
+
+impl Drop for Audit {
+    /// Closes the queue and waits until everything queued is written.
+    fn drop(&mut self) {
+        self.queue = None;
+        if let Some(writer) = self.writer.get_mut().ok().and_then(Option::take) {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// The writer thread: numbers and writes records until the queue closes.
+fn write_records(
+    mut sink: Box<dyn Write + Send>,
+    records: &Receiver<Record>,
+    dropped: &AtomicU64,
+    ephemeral_id: &str,
+) {
+    let mut sequence = 0u64;
+    // After a failed write the line may be cut short: start the next on a new line.
+    let mut broken = false;
+    let mut write = |mut event: Value, sink: &mut Box<dyn Write + Send>| -> io::Result<()> {
+        sequence += 1;
+        event["event"]["sequence"] = json!(sequence);
+        let mut line = if broken { vec![b'\n'] } else { Vec::new() };
+        serde_json::to_writer(&mut line, &event).map_err(io::Error::other)?;
+        line.push(b'\n');
+        let result = sink.write_all(&line).and_then(|()| sink.flush());
+        broken = result.is_err();
+        result
+    };
+    for record in records {
+        let lost = dropped.swap(0, Ordering::Relaxed);
+        if lost > 0 {
+            let mut gap = envelope(ephemeral_id, "audit.gap", &["process"], "failure");
+            merge(&mut gap, json!({ "postern": { "events_lost": lost } }));
+            if let Err(err) = write(gap, &mut sink) {
+                tracing::error!(error = %err, "cannot write the audit trail");
+            }
+        }
+        let result = write(record.event, &mut sink);
+        match record.ack {
+            Ack::Task(ack) => {
+                let _ = ack.send(result);
+            }
+            Ack::Thread(ack) => {
+                let _ = ack.send(result);
+            }
+            Ack::None => {
+                if let Err(err) = result {
+                    tracing::error!(error = %err, "cannot write the audit trail");
+                }
+            }
+        }
+    }
+}
+
+/// The fields every event has.
+fn envelope(ephemeral_id: &str, action: &str, category: &[&str], outcome: &str) -> Value {
+    let timestamp = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    json!({
+        "@timestamp": timestamp,
+        "ecs": { "version": "8.11.0" },
+        "service": { "type": "postern-broker", "ephemeral_id": ephemeral_id },
+        "event": { "kind": "event", "action": action, "category": category, "outcome": outcome },
+    })
 }
 
 impl fmt::Debug for Audit {
@@ -437,7 +572,7 @@ mod tests {
     #[test]
     fn events_are_numbered_ecs_json_lines() {
         let buffer = Shared::default();
-        let audit = Audit::with_sink(Box::new(buffer.clone()));
+        let audit = Audit::with_sink(Box::new(buffer.clone())).unwrap();
         let identity = postern_certs::testdata::alice(SystemTime::now());
         let source: SocketAddr = "[::ffff:192.0.2.9]:5000".parse().unwrap();
         let policies = vec!["allow-staff".to_owned()];
@@ -450,9 +585,11 @@ mod tests {
             policies: &policies,
             errors: &[],
         };
-        audit.record(&Event::ConnectAllow(connect)).unwrap();
         audit
-            .record(&Event::SessionClose {
+            .record_blocking(&Event::ConnectAllow(connect))
+            .unwrap();
+        audit
+            .record_blocking(&Event::SessionClose {
                 connect,
                 bytes_from_client: 10,
                 bytes_to_client: 20,
@@ -484,6 +621,78 @@ mod tests {
         assert_eq!(
             lines[0]["service"]["ephemeral_id"],
             lines[1]["service"]["ephemeral_id"]
+        );
+    }
+
+    /// A sink that holds every write until it is opened.
+    struct Gate {
+        open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        inner: Shared,
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let (lock, opened) = &*self.open;
+            let _open = opened
+                .wait_while(lock.lock().unwrap(), |open| !*open)
+                .unwrap();
+            self.inner.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_sink_loses_events_visibly_and_never_blocks_the_caller() {
+        let buffer = Shared::default();
+        let open = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let gate = Gate {
+            open: open.clone(),
+            inner: buffer.clone(),
+        };
+        let audit = Audit::with_queue(Box::new(gate), 4).unwrap();
+        let event = Event::BrokerStop {
+            reason: "test",
+            sessions_cut: 0,
+        };
+        for _ in 0..20 {
+            audit.record_or_log(&event); // returns at once however stalled the sink is
+        }
+        assert!(
+            audit.record_blocking(&event).is_err(),
+            "an event that must be on record is refused, not delayed"
+        );
+        *open.0.lock().unwrap() = true;
+        open.1.notify_all();
+        drop(audit); // waits until everything queued is written
+
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let sequences: Vec<u64> = lines
+            .iter()
+            .map(|l| l["event"]["sequence"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            sequences,
+            (1..=sequences.len() as u64).collect::<Vec<_>>(),
+            "numbered in write order"
+        );
+        let gap = lines
+            .iter()
+            .find(|l| l["event"]["action"] == "audit.gap")
+            .expect("the loss is recorded");
+        let written = lines
+            .iter()
+            .filter(|l| l["event"]["action"] == "broker.stop")
+            .count() as u64;
+        assert_eq!(
+            gap["postern"]["events_lost"].as_u64().unwrap() + written,
+            21,
+            "every event is written or counted"
         );
     }
 }

@@ -184,7 +184,9 @@ fn run(command: Command) -> Result<(), Failure> {
             };
             let issued =
                 issue(&config, &options, &audit, SystemTime::now()).map_err(|err| match err {
-                    IssueFailure::Invalid(_) | IssueFailure::Store(_) => config_failure(err),
+                    IssueFailure::Invalid(_) | IssueFailure::Store(_) | IssueFailure::Pki(_) => {
+                        config_failure(err)
+                    }
                     other => Failure {
                         code: 1,
                         error: other.into(),

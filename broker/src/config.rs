@@ -27,6 +27,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_MAX_STREAMS: u32 = 256;
 /// Default time sessions get to finish on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Largest `pki.max_clock_skew` accepted: more would keep expired certificates working.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(10 * 60);
+/// Largest `pki.max_cert_lifetime` accepted: certificates are meant to be short-lived.
+pub const MAX_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The broker's validated configuration.
 #[derive(Debug, Clone)]
@@ -270,21 +274,36 @@ impl Config {
             None => join_host_port(&hostname, listen.port()),
         };
 
+        let at_most = |key: &str, value: Duration, max: Duration| {
+            if value > max {
+                let message = format!("is at most {}", humantime::format_duration(max));
+                return Err(invalid(key, message));
+            }
+            Ok(value)
+        };
         let pki = Pki {
             server_cert: base.join(raw.pki.server_cert),
             server_key: base.join(raw.pki.server_key),
             server_ca: base.join(raw.pki.server_ca),
             client_ca: base.join(raw.pki.client_ca),
             client_ca_key: base.join(raw.pki.client_ca_key),
-            max_clock_skew: duration(
+            max_clock_skew: at_most(
                 "pki.max_clock_skew",
-                raw.pki.max_clock_skew.as_deref(),
-                DEFAULT_MAX_CLOCK_SKEW,
+                duration(
+                    "pki.max_clock_skew",
+                    raw.pki.max_clock_skew.as_deref(),
+                    DEFAULT_MAX_CLOCK_SKEW,
+                )?,
+                MAX_CLOCK_SKEW,
             )?,
-            max_cert_lifetime: duration(
+            max_cert_lifetime: at_most(
                 "pki.max_cert_lifetime",
-                raw.pki.max_cert_lifetime.as_deref(),
-                DEFAULT_MAX_CERT_LIFETIME,
+                duration(
+                    "pki.max_cert_lifetime",
+                    raw.pki.max_cert_lifetime.as_deref(),
+                    DEFAULT_MAX_CERT_LIFETIME,
+                )?,
+                MAX_CERT_LIFETIME,
             )?,
         };
 
@@ -423,8 +442,10 @@ pub fn split_host_port(address: &str) -> Result<(String, u16), String> {
         None => host,
     };
     let port: u16 = port.parse().ok().filter(|&p| p != 0).ok_or_else(expected)?;
-    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(expected());
+    if rustls_pki_types::ServerName::try_from(host).is_err() {
+        return Err(format!(
+            "`{address}`: `{host}` is not a DNS name or IP address"
+        ));
     }
     Ok((host.to_owned(), port))
 }
@@ -589,6 +610,21 @@ mod tests {
                 "# max_clock_skew = \"60s\"",
                 "max_clock_skew = \"0s\"",
                 "`pki.max_clock_skew`",
+            ),
+            (
+                "# max_clock_skew = \"60s\"",
+                "max_clock_skew = \"60days\"",
+                "`pki.max_clock_skew` is at most 10m",
+            ),
+            (
+                "# max_cert_lifetime = \"24h\"",
+                "max_cert_lifetime = \"365days\"",
+                "`pki.max_cert_lifetime` is at most",
+            ),
+            (
+                "address = \"mail.internal:993\"",
+                "address = \"mail\\\"x:993\"",
+                "is not a DNS name or IP address",
             ),
             ("[services.imap]", "[services.IMAP]", "`services.IMAP`"),
             (

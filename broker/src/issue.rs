@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use postern_certs::store::{self, WriteMode};
 use postern_certs::{
-    AuthContext, Bundle, BundleService, ClientCa, Identity, Issuance, KeyRequest, MAX_GROUP_LEN,
-    MAX_GROUPS, PublicKey, RandomId, UserId,
+    AuthContext, Bundle, BundleService, Identity, Issuance, KeyRequest, MAX_GROUP_LEN, MAX_GROUPS,
+    PublicKey, RandomId, UserId,
 };
 
 use crate::audit::{Audit, Event};
@@ -52,6 +52,9 @@ pub enum IssueFailure {
     /// A file could not be read or written (exit code 64).
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    /// The broker's certificates or keys are unusable (exit code 64).
+    #[error(transparent)]
+    Pki(crate::StartError),
     /// The CA refused (exit code 1).
     #[error("cannot issue: {0}")]
     Issue(String),
@@ -147,18 +150,7 @@ pub fn issue(
         },
     };
 
-    let (ca_key, _) = store::read_private_key(&config.pki.client_ca_key)?;
-    let ca_certs = store::read_certificates(&config.pki.client_ca)?;
-    let ca = ca_certs
-        .into_iter()
-        .find_map(|cert| ClientCa::from_der(cert, ca_key.expose()).ok())
-        .ok_or_else(|| {
-            IssueFailure::Issue(format!(
-                "`{}` does not belong to any certificate in `{}`",
-                config.pki.client_ca_key.display(),
-                config.pki.client_ca.display()
-            ))
-        })?;
+    let ca = crate::serve::signing_ca(config).map_err(IssueFailure::Pki)?;
     let certificate = ca
         .issue(&identity, &key, now, options.ttl)
         .map_err(|e| IssueFailure::Issue(e.to_string()))?;
@@ -178,7 +170,7 @@ pub fn issue(
             .collect(),
     };
     audit
-        .record(&Event::CertificateIssue {
+        .record_blocking(&Event::CertificateIssue {
             identity: &identity,
             serial: verified.serial.clone(),
             not_after: verified.not_after,

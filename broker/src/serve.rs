@@ -8,15 +8,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use postern_certs::store::{self, StoreError};
 use postern_certs::{
-    ClientVerifier, Identity, Role, VerifiedClient, VerifyLimits, connection_role,
+    CaError, ClientCa, ClientVerifier, Identity, Role, VerifiedClient, VerifyLimits,
+    connection_role,
 };
 use postern_policy::{Decision, LoadError, Policies};
 use postern_proto::{
     ALPN_TUNNEL, Answer, CloseCode, Open, Refusal, RefuseCode, ResetCode, ServiceName,
 };
-use postern_transport::{RelayEnd, Tuning, close_code, read_frame, relay, reset_code, write_frame};
+use postern_transport::{
+    FrameError, RelayEnd, Tuning, close_code, read_frame, relay, reset_code, write_frame,
+};
 use quinn::crypto::rustls::{HandshakeData, QuicServerConfig};
-use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
+use quinn::{Connection, Endpoint, Incoming, ReadError, ReadExactError, RecvStream, SendStream};
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -75,6 +78,19 @@ pub enum StartError {
     },
 }
 
+/// Time a client has to complete the QUIC and TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes in progress above which a client must first prove its address (QUIC Retry),
+/// so that forged source addresses cannot pile up state.
+const RETRY_ABOVE: usize = 64;
+
+/// Handshakes in progress above which new ones are refused outright.
+const MAX_HANDSHAKES: usize = 4096;
+
+/// Longest reason from a failed handshake kept in the audit trail, in characters.
+const MAX_AUDITED_REASON: usize = 256;
+
 #[derive(Debug)]
 struct Shared {
     config: Config,
@@ -89,6 +105,7 @@ struct Shared {
     next_connection: AtomicU64,
     next_session: AtomicU64,
     open_sessions: AtomicUsize,
+    handshakes: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -101,6 +118,10 @@ struct Service {
 struct Peer {
     id: u64,
     connection: Connection,
+    /// Cancelled to cut this connection's sessions: shutdown, or the certificate ended.
+    cut: CancellationToken,
+    /// Set when the certificate ended while the connection was open.
+    expired: std::sync::atomic::AtomicBool,
     client: VerifiedClient,
     principal: postern_policy::Principal,
     authentication: postern_policy::Authentication,
@@ -116,8 +137,8 @@ enum Verdict<'a> {
     },
 }
 
-/// Keeps `open_sessions` accurate however a session ends.
-struct SessionGuard<'a>(&'a AtomicUsize);
+/// Counts something in progress (sessions, handshakes) for as long as it lives.
+struct Counted<'a>(&'a AtomicUsize);
 
 impl Broker {
     /// Loads certificates and policies, opens the audit trail and binds the UDP socket.
@@ -166,6 +187,7 @@ impl Broker {
             next_connection: AtomicU64::new(1),
             next_session: AtomicU64::new(1),
             open_sessions: AtomicUsize::new(0),
+            handshakes: AtomicUsize::new(0),
         };
         Ok(Self {
             endpoint,
@@ -207,8 +229,16 @@ impl Broker {
             tokio::select! {
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    let shared = shared.clone();
-                    connections.spawn(connection(incoming, shared));
+                    let pending = shared.handshakes.load(Ordering::Relaxed);
+                    if pending >= MAX_HANDSHAKES {
+                        debug!(client.addr = %incoming.remote_address(), "too many handshakes in progress; refusing");
+                        incoming.refuse();
+                    } else if pending >= RETRY_ABOVE && !incoming.remote_address_validated() {
+                        // Only fails for an address validated already, which this is not.
+                        let _ = incoming.retry();
+                    } else {
+                        connections.spawn(connection(incoming, shared.clone()));
+                    }
                 }
                 () = shared.shutdown.cancelled() => break,
             }
@@ -311,6 +341,17 @@ impl Loaded {
             warn!(not_after = %postern_certs::rfc3339(server_not_after), "the broker's certificate ends within 30 days; renew it (docs/operations.md)");
         }
         let client_cas = store::read_certificates(&pki.client_ca)?;
+        if postern_certs::share_a_key(&client_cas, &server_cas)
+            || postern_certs::share_a_key(&client_cas, &chain)
+        {
+            let message = format!(
+                "a key in it is also in `{}` or the server certificate: whoever holds the server key could then \
+                 issue identities; use separate CAs (docs/operations.md)",
+                pki.server_ca.display()
+            );
+            return Err(bad(&pki.client_ca, message));
+        }
+        signing_ca(config)?;
         let limits = VerifyLimits {
             max_clock_skew: pki.max_clock_skew,
             max_lifetime: pki.max_cert_lifetime,
@@ -365,16 +406,54 @@ impl Loaded {
     }
 }
 
+/// The client CA whose key is `pki.client_ca_key`: it signs new client certificates.
+pub(crate) fn signing_ca(config: &Config) -> Result<ClientCa, StartError> {
+    let pki = &config.pki;
+    let (key, _) = store::read_private_key(&pki.client_ca_key)?;
+    let mut problems = Vec::new();
+    for certificate in store::read_certificates(&pki.client_ca)? {
+        match ClientCa::from_der(certificate, key.expose()) {
+            Ok(ca) => return Ok(ca),
+            Err(CaError::KeyMismatch) => {}
+            Err(err) => problems.push(err.to_string()),
+        }
+    }
+    let message = if problems.is_empty() {
+        format!(
+            "it is the key of no certificate in `{}`; it must belong to one of them",
+            pki.client_ca.display()
+        )
+    } else {
+        problems.join("; ")
+    };
+    Err(StartError::BadPki {
+        path: pki.client_ca_key.clone(),
+        message,
+    })
+}
+
 async fn connection(incoming: Incoming, shared: Arc<Shared>) {
     let source = incoming.remote_address();
-    let connection = match incoming.await {
-        Ok(connection) => connection,
-        Err(err) => {
+    let handshake = {
+        let _counted = Counted::new(&shared.handshakes);
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await
+    };
+    let connection = match handshake {
+        Ok(Ok(connection)) => connection,
+        // A peer that never answers (or a forged source address) is not worth an audit line.
+        Ok(Err(quinn::ConnectionError::TimedOut)) | Err(_) => {
+            debug!(client.addr = %source, "handshake timed out");
+            return;
+        }
+        Ok(Err(err)) => {
             debug!(client.addr = %source, error = %err, "handshake failed");
-            shared.audit.record_or_log(&Event::ConnectionDeny {
-                source,
-                reason: format!("handshake failed: {err}"),
-            });
+            let reason: String = format!("handshake failed: {err}")
+                .chars()
+                .take(MAX_AUDITED_REASON)
+                .collect();
+            shared
+                .audit
+                .record_or_log(&Event::ConnectionDeny { source, reason });
             return;
         }
     };
@@ -422,6 +501,8 @@ async fn connection(incoming: Incoming, shared: Arc<Shared>) {
     let span = info_span!("connection", connection.id = id, user.id = %client.identity.user);
     let peer = Arc::new(Peer {
         id,
+        cut: shared.abort.child_token(),
+        expired: std::sync::atomic::AtomicBool::new(false),
         principal: principal(&client.identity),
         authentication: authentication(&client.identity),
         client,
@@ -441,10 +522,26 @@ async fn serve_connection(peer: Arc<Peer>, shared: Arc<Shared>, source: SocketAd
     });
     info!(client.addr = %source, user.email = peer.client.identity.email.as_deref().unwrap_or(""), "connection open");
 
+    // Sessions live no longer than the certificate that opened them.
+    let valid_for = peer
+        .client
+        .not_after
+        .checked_add(shared.config.pki.max_clock_skew)
+        .and_then(|end| end.duration_since(SystemTime::now()).ok())
+        .unwrap_or_default();
+    let expiry = tokio::time::sleep(valid_for);
+    tokio::pin!(expiry);
     let streams = TaskTracker::new();
     let mut draining = false;
     let reason = loop {
         tokio::select! {
+            () = &mut expiry => {
+                peer.expired.store(true, Ordering::Relaxed);
+                peer.cut.cancel();
+                info!("certificate ended: closing the connection and its sessions");
+                peer.connection.close(close_code(CloseCode::IdentityRequired), b"certificate expired");
+                break "certificate expired".to_owned();
+            }
             accepted = peer.connection.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     streams.spawn(stream(peer.clone(), shared.clone(), send, recv));
@@ -483,6 +580,14 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
     .await
     {
         Ok(Ok(open)) => open,
+        // The agent gave up on the stream (its program went away) or the connection died:
+        // nothing was asked, nothing to decide.
+        Ok(Err(FrameError::Read(ReadExactError::ReadError(
+            ReadError::Reset(_) | ReadError::ConnectionLost(_),
+        )))) => {
+            debug!("stream ended before it named a service");
+            return;
+        }
         Ok(Err(err)) => {
             let reason = format!("malformed stream header: {err}");
             return refuse_malformed(
@@ -525,13 +630,13 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
             }
         };
         let audited = peer.connect(session, source, name, Some(&decision));
-        if let Err(err) = shared.audit.record(&Event::ConnectAllow(audited)) {
+        if let Err(err) = shared.audit.record(&Event::ConnectAllow(audited)).await {
             tracing::error!(error = %err, "cannot write the audit trail: refusing the session");
             let reason = "the broker cannot write its audit trail; access is refused until it can";
             return answer(&mut send, Answer::Refused(Refusal::new(RefuseCode::Internal, reason))).await;
         }
 
-        let _guard = SessionGuard::new(&shared.open_sessions);
+        let _session = Counted::new(&shared.open_sessions);
         let started = Instant::now();
         let close = |reason: String, from: u64, to: u64| {
             shared.audit.record_or_log(&Event::SessionClose {
@@ -555,12 +660,13 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
             return close(format!("client_gone: {err}"), 0, 0);
         }
         info!("session open");
-        let relayed = relay(send, recv, upstream, &shared.abort).await;
+        let relayed = relay(send, recv, upstream, &peer.cut).await;
         let reason = match &relayed.end {
             RelayEnd::Closed => "closed".to_owned(),
             RelayEnd::QuicReset(_) | RelayEnd::QuicStopped(_) => "client_reset".to_owned(),
             RelayEnd::ConnectionLost(why) => format!("connection_lost: {why}"),
             RelayEnd::TcpFailed(kind) => format!("upstream_failed: {kind}"),
+            RelayEnd::Cancelled if peer.expired.load(Ordering::Relaxed) => "certificate_expired".to_owned(),
             RelayEnd::Cancelled => "shutdown".to_owned(),
         };
         info!(bytes.from_client = relayed.from_quic, bytes.to_client = relayed.to_quic, %reason, "session closed");
@@ -594,7 +700,7 @@ fn decide<'a>(
         .is_some_and(|end| end < now)
     {
         let reason = format!(
-            "your certificate expired at {}; get a new one with `postern login`",
+            "this device's certificate expired at {}; get a new identity (`postern login`) and restart `postern up`",
             postern_certs::rfc3339(not_after)
         );
         return refuse(RefuseCode::CertificateExpired, reason);
@@ -656,37 +762,59 @@ async fn answer(send: &mut SendStream, answer: Answer) {
     }
 }
 
-/// Connects to a configured service, trying each address its host resolves to.
+/// Connects to a configured service, trying each address its host resolves to in turn, each
+/// with a share of `timeout`, so that one silent address does not hide the others.
 async fn connect_upstream(
     service: &ServiceConfig,
     timeout: Duration,
 ) -> Result<TcpStream, (RefuseCode, String)> {
-    let attempt = async {
-        let addresses = tokio::net::lookup_host((service.host.as_str(), service.port))
-            .await
-            .map_err(|e| format!("cannot resolve the service's host: {e}"))?;
-        let mut last = "the service's host resolves to no address".to_owned();
-        for address in addresses {
-            match TcpStream::connect(address).await {
-                Ok(stream) => return Ok(stream),
-                Err(err) => last = err.to_string(),
+    let deadline = tokio::time::Instant::now() + timeout;
+    let resolved = tokio::time::timeout_at(
+        deadline,
+        tokio::net::lookup_host((service.host.as_str(), service.port)),
+    )
+    .await;
+    let addresses: Vec<SocketAddr> = match resolved {
+        Ok(Ok(addresses)) => addresses.collect(),
+        Ok(Err(err)) => {
+            return Err((
+                RefuseCode::UpstreamUnavailable,
+                format!("cannot resolve the service's host: {err}"),
+            ));
+        }
+        Err(_) => {
+            return Err((
+                RefuseCode::UpstreamTimeout,
+                "resolving the service's host took too long".into(),
+            ));
+        }
+    };
+    let share = timeout / u32::try_from(addresses.len().max(1)).unwrap_or(u32::MAX);
+    let mut last = (
+        RefuseCode::UpstreamUnavailable,
+        "the service's host resolves to no address".to_owned(),
+    );
+    for address in addresses {
+        let attempt_deadline =
+            deadline.min(tokio::time::Instant::now() + share.max(Duration::from_millis(500)));
+        match tokio::time::timeout_at(attempt_deadline, TcpStream::connect(address)).await {
+            Ok(Ok(stream)) => {
+                // Without it an interactive protocol can stall on Nagle's algorithm and delayed ACKs.
+                stream
+                    .set_nodelay(true)
+                    .map_err(|e| (RefuseCode::UpstreamUnavailable, e.to_string()))?;
+                return Ok(stream);
+            }
+            Ok(Err(err)) => last = (RefuseCode::UpstreamUnavailable, err.to_string()),
+            Err(_) => {
+                last = (
+                    RefuseCode::UpstreamTimeout,
+                    format!("no answer within {}", humantime::format_duration(timeout)),
+                )
             }
         }
-        Err(last)
-    };
-    let stream = match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(detail)) => return Err((RefuseCode::UpstreamUnavailable, detail)),
-        Err(_) => {
-            let detail = format!("no answer within {}", humantime::format_duration(timeout));
-            return Err((RefuseCode::UpstreamTimeout, detail));
-        }
-    };
-    // Without it an interactive protocol can stall on Nagle's algorithm and delayed ACKs.
-    stream
-        .set_nodelay(true)
-        .map_err(|e| (RefuseCode::UpstreamUnavailable, e.to_string()))?;
-    Ok(stream)
+    }
+    Err(last)
 }
 
 /// The policy view of a certificate's identity: one mapping, used for every decision.
@@ -736,14 +864,14 @@ impl Peer {
     }
 }
 
-impl<'a> SessionGuard<'a> {
+impl<'a> Counted<'a> {
     fn new(count: &'a AtomicUsize) -> Self {
         count.fetch_add(1, Ordering::Relaxed);
         Self(count)
     }
 }
 
-impl Drop for SessionGuard<'_> {
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }

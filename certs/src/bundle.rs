@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::secret::SecretPem;
 use crate::tls::ClientCredential;
-use crate::verify::{VerifiedClient, VerifyError, inspect_unverified};
+use crate::verify::{CertificateContents, VerifyError, inspect_unverified};
 
 /// The format line of version 1 bundles.
 pub const BUNDLE_FORMAT: &str = "postern-bundle/1";
@@ -158,7 +158,7 @@ impl Bundle {
     }
 
     /// Reads the certificate without verifying it, to show who it is for and until when.
-    pub fn inspect(&self) -> Result<VerifiedClient, VerifyError> {
+    pub fn inspect(&self) -> Result<CertificateContents, VerifyError> {
         inspect_unverified(&self.certificate)
     }
 

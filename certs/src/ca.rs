@@ -59,7 +59,9 @@ pub enum IssueError {
     #[error("`{0}` is not a valid host name or IP address")]
     BadHostName(String),
     /// The requested lifetime ends after the CA's own certificate.
-    #[error("the certificate would outlive its CA (which ends {ca_not_after})")]
+    #[error(
+        "the certificate would outlive its CA (which ends {ca_not_after}); use a shorter lifetime, or rotate the CA (docs/operations.md)"
+    )]
     OutlivesCa {
         /// When the CA certificate ends, RFC 3339.
         ca_not_after: String,
@@ -264,9 +266,7 @@ impl CaKey {
         let (not_before, not_after) = validity(now, lifetime).ok_or(IssueError::Clock)?;
         if SystemTime::from(not_after) > self.not_after {
             return Err(IssueError::OutlivesCa {
-                ca_not_after: time::OffsetDateTime::from(self.not_after)
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default(),
+                ca_not_after: crate::rfc3339(self.not_after),
             });
         }
         let mut params = CertificateParams::default();
@@ -305,10 +305,9 @@ fn validity(
     now: SystemTime,
     lifetime: Duration,
 ) -> Option<(time::OffsetDateTime, time::OffsetDateTime)> {
-    let seconds = now.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
-    let start = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(seconds))?;
-    let end = start.checked_add(Duration::from_secs(lifetime.as_secs()))?;
-    Some((start.into(), end.into()))
+    let start = crate::date_time(now)?;
+    let end = crate::date_time(now.checked_add(lifetime)?)?;
+    Some((start, end))
 }
 
 /// A positive 128-bit serial number from the system's secure random generator.

@@ -213,9 +213,9 @@ fn read_strings(r: BERReader<'_, '_>, max: usize) -> ASN1Result<Vec<String>> {
     Ok(values)
 }
 
+/// Whole seconds since 1970 for a time certificates can express.
 fn unix_seconds(time: SystemTime) -> Option<i64> {
-    let seconds = time.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
-    i64::try_from(seconds).ok()
+    crate::date_time(time).map(time::OffsetDateTime::unix_timestamp)
 }
 
 #[cfg(test)]
@@ -270,6 +270,11 @@ mod tests {
         let mut control = sample();
         control.name = Some("Alice\u{1b}[31m".into());
         assert_eq!(control.encode(), Err(IdentityError::Unprintable("name")));
+
+        let mut far = sample();
+        far.auth.auth_time =
+            SystemTime::UNIX_EPOCH + Duration::from_secs(crate::MAX_UNIX_SECONDS + 1);
+        assert_eq!(far.encode(), Err(IdentityError::TooLarge("auth_time")));
 
         let mut empty = sample();
         empty.groups = vec![String::new()];

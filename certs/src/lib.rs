@@ -45,15 +45,31 @@ pub use tls::{
     connection_role, provider, server_config,
 };
 pub use verify::{
-    ClientVerifier, TlsClientVerifier, TrustError, VerifiedClient, VerifyError, VerifyLimits,
-    inspect_unverified,
+    CertificateContents, ClientVerifier, TlsClientVerifier, TrustError, VerifiedClient,
+    VerifyError, VerifyLimits, inspect_unverified, share_a_key,
 };
 
 /// A time as RFC 3339 in UTC, to the second, for messages and logs.
 pub fn rfc3339(time: std::time::SystemTime) -> String {
-    let time = time::OffsetDateTime::from(time)
-        .replace_nanosecond(0)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    time.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "(time out of range)".to_owned())
+    date_time(time)
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "(time out of range)".to_owned())
+}
+
+/// Last second certificates (GeneralizedTime) can express: 9999-12-31T23:59:59Z.
+pub(crate) const MAX_UNIX_SECONDS: u64 = 253_402_300_799;
+
+/// `time` to whole seconds, if certificates can express it.
+pub(crate) fn date_time(time: std::time::SystemTime) -> Option<time::OffsetDateTime> {
+    let seconds = time
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    if seconds > MAX_UNIX_SECONDS {
+        return None;
+    }
+    time::OffsetDateTime::from_unix_timestamp(i64::try_from(seconds).ok()?).ok()
 }

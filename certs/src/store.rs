@@ -25,7 +25,7 @@ pub enum WriteMode {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The file could not be read.
-    #[error("cannot read `{}`: {source}", path.display())]
+    #[error("cannot read `{}`: {source}{}", path.display(), permission_hint(source))]
     Read {
         /// The file.
         path: PathBuf,
@@ -33,7 +33,7 @@ pub enum StoreError {
         source: io::Error,
     },
     /// The file could not be written.
-    #[error("cannot write `{}`: {source}", path.display())]
+    #[error("cannot write `{}`: {source}{}", path.display(), permission_hint(source))]
     Write {
         /// The file.
         path: PathBuf,
@@ -54,6 +54,15 @@ pub enum StoreError {
         /// What was expected, such as `certificate`.
         what: &'static str,
     },
+}
+
+fn permission_hint(error: &io::Error) -> &'static str {
+    match error.kind() {
+        io::ErrorKind::PermissionDenied => {
+            "; the user running this command needs access to it (check its owner and mode)"
+        }
+        _ => "",
+    }
 }
 
 /// Reads every certificate in a PEM file; at least one must be there.

@@ -7,9 +7,7 @@ use std::time::{Duration, SystemTime};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
-};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
@@ -40,9 +38,9 @@ pub struct VerifyLimits {
     pub max_lifetime: Duration,
 }
 
-/// A client certificate that verified, and what it says.
+/// What a client certificate says: its identity and its validity.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifiedClient {
+pub struct CertificateContents {
     /// The identity the certificate carries.
     pub identity: Identity,
     /// Start of validity.
@@ -54,6 +52,11 @@ pub struct VerifiedClient {
     /// SHA-256 of the certificate's DER, lower-case hex.
     pub fingerprint: String,
 }
+
+/// A client certificate that verified. Only [`ClientVerifier::verify`] makes one; its contents
+/// are reached through `Deref`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedClient(CertificateContents);
 
 /// Why a client certificate was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -231,14 +234,7 @@ impl ClientVerifier {
             None => return Err(VerifyError::Untrusted(webpki::Error::UnknownIssuer)),
         }
 
-        let identity = read_identity(&parsed)?;
-        Ok(VerifiedClient {
-            identity,
-            not_before,
-            not_after,
-            serial: hex(parsed.raw_serial()),
-            fingerprint: hex(ring::digest::digest(&ring::digest::SHA256, end_entity).as_ref()),
-        })
+        contents(end_entity, &parsed, not_before, not_after).map(VerifiedClient)
     }
 }
 
@@ -253,18 +249,35 @@ impl fmt::Debug for ClientVerifier {
 
 /// Reads a client certificate without verifying it: for showing a device its own certificate.
 ///
-/// Nothing returned here may be used to make an access decision.
-pub fn inspect_unverified(der: &CertificateDer<'_>) -> Result<VerifiedClient, VerifyError> {
+/// Nothing returned here may be used to make an access decision; that takes a
+/// [`VerifiedClient`].
+pub fn inspect_unverified(der: &CertificateDer<'_>) -> Result<CertificateContents, VerifyError> {
     let (_, parsed) =
         x509_parser::parse_x509_certificate(der).map_err(|_| VerifyError::Malformed)?;
     let (not_before, not_after) = validity(&parsed)?;
-    Ok(VerifiedClient {
-        identity: read_identity(&parsed)?,
-        not_before,
-        not_after,
-        serial: hex(parsed.raw_serial()),
-        fingerprint: hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref()),
-    })
+    contents(der, &parsed, not_before, not_after)
+}
+
+/// Whether any certificate in `a` has the same public key as any in `b`: the broker's client
+/// and server CAs must be different keys.
+pub fn share_a_key(a: &[CertificateDer<'_>], b: &[CertificateDer<'_>]) -> bool {
+    let keys = |certs: &[CertificateDer<'_>]| -> Vec<Vec<u8>> {
+        certs
+            .iter()
+            .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
+            .map(|(_, cert)| cert.public_key().raw.to_vec())
+            .collect()
+    };
+    let b = keys(b);
+    keys(a).iter().any(|key| b.contains(key))
+}
+
+impl std::ops::Deref for VerifiedClient {
+    type Target = CertificateContents;
+
+    fn deref(&self) -> &CertificateContents {
+        &self.0
+    }
 }
 
 impl TlsClientVerifier {
@@ -339,17 +352,52 @@ impl ClientCertVerifier for TlsClientVerifier {
 }
 
 impl From<VerifyError> for CertificateError {
+    /// The closest TLS alert, so that the agent can tell its user what went wrong.
     fn from(err: VerifyError) -> Self {
+        let unix = |time: SystemTime| unix_time(time);
         match err {
-            VerifyError::Expired(_) | VerifyError::CaExpired(_) => CertificateError::Expired,
-            VerifyError::NotYetValid(_) => CertificateError::NotValidYet,
-            VerifyError::Untrusted(webpki::Error::InvalidSignatureForPublicKey) => {
-                CertificateError::BadSignature
+            VerifyError::Expired(not_after) | VerifyError::CaExpired(not_after) => {
+                CertificateError::ExpiredContext {
+                    time: UnixTime::now(),
+                    not_after: unix(not_after),
+                }
             }
-            VerifyError::Untrusted(_) => CertificateError::UnknownIssuer,
-            other => CertificateError::Other(OtherError(Arc::new(other))),
+            VerifyError::NotYetValid(not_before) => CertificateError::NotValidYetContext {
+                time: UnixTime::now(),
+                not_before: unix(not_before),
+            },
+            VerifyError::Untrusted(webpki::Error::UnknownIssuer) => CertificateError::UnknownIssuer,
+            VerifyError::Untrusted(
+                webpki::Error::InvalidSignatureForPublicKey
+                | webpki::Error::UnsupportedSignatureAlgorithmContext(_)
+                | webpki::Error::SignatureAlgorithmMismatch,
+            ) => CertificateError::BadSignature,
+            VerifyError::Untrusted(
+                webpki::Error::RequiredEkuNotFoundContext(_) | webpki::Error::CaUsedAsEndEntity,
+            )
+            | VerifyError::NotClientAuth => CertificateError::InvalidPurpose,
+            VerifyError::LifetimeTooLong { .. } => CertificateError::ApplicationVerificationFailure,
+            VerifyError::Untrusted(_) | VerifyError::Malformed | VerifyError::BadIdentity(_) => {
+                CertificateError::BadEncoding
+            }
         }
     }
+}
+
+/// The contents of a parsed certificate.
+fn contents(
+    der: &[u8],
+    parsed: &X509Certificate<'_>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertificateContents, VerifyError> {
+    Ok(CertificateContents {
+        identity: read_identity(parsed)?,
+        not_before,
+        not_after,
+        serial: hex(parsed.raw_serial()),
+        fingerprint: hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref()),
+    })
 }
 
 fn validity(cert: &X509Certificate<'_>) -> Result<(SystemTime, SystemTime), VerifyError> {

@@ -1,22 +1,25 @@
 //! Frames that open a tunnel stream: `Open` from the agent, `Opened` or `Refused` from the broker.
 //!
 //! Every frame is `type (1 byte) ‖ length (2 bytes, big endian) ‖ body (length bytes)`. The
-//! length is checked against [`MAX_BODY_LEN`] before a body is read, and each frame type has its
-//! own tighter limit.
+//! type and the length are checked against that type's limit, at most [`MAX_BODY_LEN`], before a
+//! body is read.
 
 use std::fmt;
 
-use crate::service::{ServiceName, ServiceNameError};
+use crate::service::{MAX_SERVICE_NAME_LEN, ServiceName, ServiceNameError};
 
 /// Bytes before a frame's body: its type and its length.
 pub const HEADER_LEN: usize = 3;
 
-/// Largest body of any frame, in bytes. A header announcing more is refused before anything is
-/// allocated.
+/// Largest body of any frame, in bytes; each type has its own, smaller limit
+/// ([`Frame::body_limit`]).
 pub const MAX_BODY_LEN: usize = 1024;
 
 /// Longest reason in a `Refused` frame, in bytes of UTF-8.
 pub const MAX_REASON_LEN: usize = 512;
+
+// Every type's limit stays within the largest body.
+const _: () = assert!(MAX_SERVICE_NAME_LEN <= MAX_BODY_LEN && 2 + MAX_REASON_LEN <= MAX_BODY_LEN);
 
 const TYPE_OPEN: u8 = 0x01;
 const TYPE_OPENED: u8 = 0x02;
@@ -33,6 +36,22 @@ pub trait Frame: Sized {
 
     /// Encodes the frame, header included.
     fn encode(&self) -> Vec<u8>;
+
+    /// The longest body a frame of type `kind` may have in this direction.
+    fn body_limit(kind: u8) -> Result<usize, DecodeError>;
+
+    /// Total length (header and body) of the frame whose header is `header`.
+    ///
+    /// Fails when the type is not expected in this direction or the announced body exceeds that
+    /// type's limit, so that a reader can allocate exactly what this returns.
+    fn frame_len(header: &[u8; HEADER_LEN]) -> Result<usize, DecodeError> {
+        let limit = Self::body_limit(header[0])?;
+        let len = usize::from(u16::from_be_bytes([header[1], header[2]]));
+        if len > limit {
+            return Err(DecodeError::TooLong { len, limit });
+        }
+        Ok(HEADER_LEN + len)
+    }
 }
 
 /// The first frame on every tunnel stream, written by the agent: which service to reach.
@@ -108,21 +127,6 @@ pub enum DecodeError {
     BadReason,
 }
 
-/// Total length (header and body) of the frame whose header is `header`.
-///
-/// Fails when the announced body exceeds [`MAX_BODY_LEN`], so that a reader can allocate
-/// exactly what this returns.
-pub fn frame_len(header: &[u8; HEADER_LEN]) -> Result<usize, DecodeError> {
-    let len = usize::from(u16::from_be_bytes([header[1], header[2]]));
-    if len > MAX_BODY_LEN {
-        return Err(DecodeError::TooLong {
-            len,
-            limit: MAX_BODY_LEN,
-        });
-    }
-    Ok(HEADER_LEN + len)
-}
-
 /// A whole frame at the start of a buffer, not yet interpreted.
 struct RawFrame<'a> {
     kind: u8,
@@ -130,12 +134,12 @@ struct RawFrame<'a> {
     total: usize,
 }
 
-/// Splits a whole frame off the start of `buf`, or `None` when more bytes are needed.
-fn split(buf: &[u8]) -> Result<Option<RawFrame<'_>>, DecodeError> {
+/// Splits a whole frame of `F` off the start of `buf`, or `None` when more bytes are needed.
+fn split<F: Frame>(buf: &[u8]) -> Result<Option<RawFrame<'_>>, DecodeError> {
     let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
         return Ok(None);
     };
-    let total = frame_len(header)?;
+    let total = F::frame_len(header)?;
     Ok(buf.get(HEADER_LEN..total).map(|body| RawFrame {
         kind: header[0],
         body,
@@ -158,7 +162,7 @@ fn encode_frame(kind: u8, body: &[&[u8]]) -> Vec<u8> {
 
 impl Frame for Open {
     fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, DecodeError> {
-        let Some(RawFrame { kind, body, total }) = split(buf)? else {
+        let Some(RawFrame { kind, body, total }) = split::<Self>(buf)? else {
             return Ok(None);
         };
         if kind != TYPE_OPEN {
@@ -171,16 +175,23 @@ impl Frame for Open {
     fn encode(&self) -> Vec<u8> {
         encode_frame(TYPE_OPEN, &[self.service.as_str().as_bytes()])
     }
+
+    fn body_limit(kind: u8) -> Result<usize, DecodeError> {
+        match kind {
+            TYPE_OPEN => Ok(MAX_SERVICE_NAME_LEN),
+            other => Err(DecodeError::UnexpectedType(other)),
+        }
+    }
 }
 
 impl Frame for Answer {
     fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, DecodeError> {
-        let Some(RawFrame { kind, body, total }) = split(buf)? else {
+        let Some(RawFrame { kind, body, total }) = split::<Self>(buf)? else {
             return Ok(None);
         };
         let answer = match kind {
-            TYPE_OPENED if body.is_empty() => Answer::Opened,
-            TYPE_OPENED => return Err(DecodeError::Malformed("Opened")),
+            // `body_limit` admits no body for `Opened`.
+            TYPE_OPENED => Answer::Opened,
             TYPE_REFUSED => Answer::Refused(Refusal::decode_body(body)?),
             other => return Err(DecodeError::UnexpectedType(other)),
         };
@@ -197,6 +208,14 @@ impl Frame for Answer {
                     refusal.reason.as_bytes(),
                 ],
             ),
+        }
+    }
+
+    fn body_limit(kind: u8) -> Result<usize, DecodeError> {
+        match kind {
+            TYPE_OPENED => Ok(0),
+            TYPE_REFUSED => Ok(2 + MAX_REASON_LEN),
+            other => Err(DecodeError::UnexpectedType(other)),
         }
     }
 }
@@ -235,16 +254,11 @@ impl Refusal {
         &self.reason
     }
 
+    /// Decodes a body that `Answer::body_limit` already bounded.
     fn decode_body(body: &[u8]) -> Result<Self, DecodeError> {
         let (code, reason) = body
             .split_first_chunk::<2>()
             .ok_or(DecodeError::Malformed("Refused"))?;
-        if reason.len() > MAX_REASON_LEN {
-            return Err(DecodeError::TooLong {
-                len: body.len(),
-                limit: 2 + MAX_REASON_LEN,
-            });
-        }
         let reason = std::str::from_utf8(reason).map_err(|_| DecodeError::BadReason)?;
         if reason.chars().any(char::is_control) {
             return Err(DecodeError::BadReason);
@@ -366,11 +380,25 @@ mod tests {
             Open::decode(b"\x01\xff\xff"),
             Err(DecodeError::TooLong {
                 len: 0xffff,
-                limit: MAX_BODY_LEN
+                limit: 63
             })
         );
-        assert_eq!(frame_len(&[1, 0x04, 0x00]), Ok(HEADER_LEN + 1024));
-        assert!(frame_len(&[1, 0x04, 0x01]).is_err());
+        assert_eq!(Open::frame_len(&[1, 0, 63]), Ok(HEADER_LEN + 63));
+        assert_eq!(
+            Open::frame_len(&[1, 0, 64]),
+            Err(DecodeError::TooLong { len: 64, limit: 63 })
+        );
+        assert_eq!(
+            Open::frame_len(&[2, 0, 0]),
+            Err(DecodeError::UnexpectedType(2)),
+            "the type is checked first"
+        );
+        assert_eq!(Answer::frame_len(&[3, 0x02, 0x02]), Ok(HEADER_LEN + 514));
+        assert!(Answer::frame_len(&[3, 0x02, 0x03]).is_err());
+        assert_eq!(
+            Answer::frame_len(&[2, 0, 1]),
+            Err(DecodeError::TooLong { len: 1, limit: 0 })
+        );
     }
 
     #[test]
@@ -385,7 +413,7 @@ mod tests {
         );
         assert_eq!(
             Answer::decode(b"\x02\x00\x01x"),
-            Err(DecodeError::Malformed("Opened"))
+            Err(DecodeError::TooLong { len: 1, limit: 0 })
         );
         assert_eq!(
             Answer::decode(b"\x03\x00\x01x"),

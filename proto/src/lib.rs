@@ -15,8 +15,7 @@ mod service;
 
 pub use codes::{CloseCode, ResetCode};
 pub use frame::{
-    Answer, DecodeError, Frame, HEADER_LEN, MAX_BODY_LEN, MAX_REASON_LEN, Open, Refusal,
-    RefuseCode, frame_len,
+    Answer, DecodeError, Frame, HEADER_LEN, MAX_BODY_LEN, MAX_REASON_LEN, Open, Refusal, RefuseCode,
 };
 pub use service::{MAX_SERVICE_NAME_LEN, ServiceName, ServiceNameError};
 

@@ -85,7 +85,7 @@ async fn an_expired_certificate_is_refused_at_the_handshake() {
         SystemTime::now() - 2 * HOUR,
         HOUR,
     );
-    refused_at_handshake(&gateway, &expired, "Expired").await;
+    refused_at_handshake(&gateway, &expired, "certificate expired").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@
 mod bad_input;
 mod cli;
 mod deny;
+mod expiry;
 mod local_user;
 mod shutdown;
 mod tunnel;

@@ -1,6 +1,6 @@
 //! Reading and writing `postern-proto` frames on QUIC streams.
 
-use postern_proto::{DecodeError, Frame, HEADER_LEN, frame_len};
+use postern_proto::{DecodeError, Frame, HEADER_LEN};
 use quinn::{ReadExactError, RecvStream, SendStream, WriteError};
 
 /// Why a frame could not be read.
@@ -16,11 +16,12 @@ pub enum FrameError {
 
 /// Reads exactly one frame from `recv`, and not a byte more.
 ///
-/// The length in the header is checked before the body is allocated.
+/// The type and length in the header are checked against the frame type's limit before the
+/// body is allocated or read.
 pub async fn read_frame<F: Frame>(recv: &mut RecvStream) -> Result<F, FrameError> {
     let mut header = [0u8; HEADER_LEN];
     recv.read_exact(&mut header).await?;
-    let mut frame = vec![0u8; frame_len(&header)?];
+    let mut frame = vec![0u8; F::frame_len(&header)?];
     frame[..HEADER_LEN].copy_from_slice(&header);
     recv.read_exact(&mut frame[HEADER_LEN..]).await?;
     match F::decode(&frame)? {

@@ -31,6 +31,13 @@ pub struct Tuning {
     pub max_concurrent_streams: u32,
 }
 
+/// Bytes a peer may send on one stream ahead of what the application has read. With the
+/// connection-wide window below it bounds what a peer can make us buffer, whatever it does.
+pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
+
+/// Bytes a peer may send on all streams of a connection ahead of what has been read.
+pub const RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
+
 impl Tuning {
     /// The quinn transport configuration for these settings.
     pub fn transport_config(&self) -> Arc<TransportConfig> {
@@ -43,6 +50,9 @@ impl Tuning {
             .keep_alive_interval(self.keep_alive)
             .max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_streams))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+            .receive_window(VarInt::from_u32(RECEIVE_WINDOW))
+            .send_window(u64::from(RECEIVE_WINDOW))
             .datagram_receive_buffer_size(None);
         Arc::new(config)
     }

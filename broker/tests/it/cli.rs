@@ -207,6 +207,52 @@ fn check_reports_a_ready_setup_and_a_wrong_hostname() {
 }
 
 #[test]
+fn the_client_and_server_cas_must_be_different_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path());
+    let pki = dir.path().join("broker/pki");
+    let server_ca = std::fs::read_to_string(pki.join("server-ca.pem")).unwrap();
+    let mut client_cas = std::fs::OpenOptions::new()
+        .append(true)
+        .open(pki.join("client-ca.pem"))
+        .unwrap();
+    std::io::Write::write_all(&mut client_cas, server_ca.as_bytes()).unwrap();
+    let out = broker(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        stderr(&out).contains("use separate CAs"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn the_signing_key_must_belong_to_a_client_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init(dir.path());
+    let pki = dir.path().join("broker/pki");
+    std::fs::copy(pki.join("server.key"), pki.join("client-ca.key")).unwrap();
+    let out = broker(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        stderr(&out).contains("client-ca.key")
+            && stderr(&out).contains("is the key of no certificate"),
+        "{}",
+        stderr(&out)
+    );
+    let issued = broker(&[
+        "issue",
+        "--config",
+        config.to_str().unwrap(),
+        "--user",
+        "a@example.org",
+        "--out",
+        dir.path().join("a").to_str().unwrap(),
+    ]);
+    assert_eq!(issued.status.code(), Some(64), "{}", stderr(&issued));
+}
+
+#[test]
 fn serve_names_an_unreadable_key() {
     let dir = tempfile::tempdir().unwrap();
     let config = init(dir.path());

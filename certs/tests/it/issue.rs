@@ -52,6 +52,11 @@ fn issuance_cannot_outlive_the_ca() {
         ca.issue(&alice(now), &key, now, 3 * HOUR),
         Err(IssueError::OutlivesCa { .. })
     ));
+    let forever = Duration::from_secs(u64::MAX / 4);
+    assert!(
+        ca.issue(&alice(now), &key, now, forever).is_err(),
+        "no panic past the year 9999"
+    );
 }
 
 #[test]

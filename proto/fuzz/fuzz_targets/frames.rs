@@ -3,11 +3,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use postern_proto::{Answer, Frame, Open, frame_len};
+use postern_proto::{Answer, Frame, Open};
 
 fuzz_target!(|data: &[u8]| {
     if let Some(header) = data.first_chunk() {
-        let _ = frame_len(header);
+        let _ = Open::frame_len(header);
+        let _ = Answer::frame_len(header);
     }
     if let Ok(Some((open, used))) = Open::decode(data) {
         assert_eq!(open.encode(), &data[..used]);
