@@ -588,28 +588,16 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
             debug!("stream ended before it named a service");
             return;
         }
-        Ok(Err(err)) => {
-            let reason = format!("malformed stream header: {err}");
-            return refuse_malformed(
-                &shared,
-                peer.connect(session, source, "", None),
-                &mut send,
-                &mut recv,
-                reason,
-            );
-        }
-        Err(_) => {
-            let reason = format!(
-                "no service named within {}",
-                humantime::format_duration(shared.config.limits.open_timeout)
-            );
-            return refuse_malformed(
-                &shared,
-                peer.connect(session, source, "", None),
-                &mut send,
-                &mut recv,
-                reason,
-            );
+        malformed => {
+            let reason = match malformed {
+                Ok(Err(err)) => format!("malformed stream header: {err}"),
+                _ => format!(
+                    "no service named within {}",
+                    humantime::format_duration(shared.config.limits.open_timeout)
+                ),
+            };
+            let connect = peer.connect(session, source, "", None);
+            return refuse_malformed(&shared, connect, &mut send, &mut recv, reason);
         }
     };
     let name = open.service.as_str();

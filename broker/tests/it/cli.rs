@@ -21,6 +21,18 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Runs the broker with `args` and asserts that it refuses with code 64 and says `expected`.
+fn refused(args: &[&str], expected: &str) -> Output {
+    let out = broker(args);
+    assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains(expected),
+        "{args:?}: expected `{expected}` in {}",
+        stderr(&out)
+    );
+    out
+}
+
 /// `init` into `dir/broker` with one service; returns the configuration file.
 fn init(dir: &Path) -> PathBuf {
     let out = broker(&[
@@ -87,20 +99,17 @@ fn init_writes_a_working_setup_and_never_overwrites() {
     );
     let before = std::fs::read(dir.path().join("b/pki/client-ca.key")).unwrap();
 
-    let again = broker(&[
-        "init",
-        "--dir",
-        dir.path().join("b").to_str().unwrap(),
-        "--hostname",
-        "x.example.org",
-        "--service",
-        "imap=a:1",
-    ]);
-    assert_eq!(again.status.code(), Some(64));
-    assert!(
-        stderr(&again).contains("never overwrites"),
-        "{}",
-        stderr(&again)
+    refused(
+        &[
+            "init",
+            "--dir",
+            dir.path().join("b").to_str().unwrap(),
+            "--hostname",
+            "x.example.org",
+            "--service",
+            "imap=a:1",
+        ],
+        "never overwrites",
     );
     assert_eq!(
         std::fs::read(dir.path().join("b/pki/client-ca.key")).unwrap(),
@@ -160,18 +169,20 @@ fn serve_names_the_bad_setting() {
         "listen = \"127.0.0.1:0\"",
         "listen = \"everywhere\"",
     );
-    let out = broker(&["serve", "--config", config.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(64));
-    assert!(stderr(&out).contains("`broker.listen`"), "{}", stderr(&out));
+    refused(
+        &["serve", "--config", config.to_str().unwrap()],
+        "`broker.listen`",
+    );
 
     edit(
         &config,
         "listen = \"everywhere\"",
         "listen = \"127.0.0.1:0\"\nlisten_backlog = 5",
     );
-    let out = broker(&["serve", "--config", config.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(64));
-    assert!(stderr(&out).contains("listen_backlog"), "{}", stderr(&out));
+    refused(
+        &["serve", "--config", config.to_str().unwrap()],
+        "listen_backlog",
+    );
 }
 
 #[test]
@@ -197,12 +208,9 @@ fn check_reports_a_ready_setup_and_a_wrong_hostname() {
         "hostname = \"localhost\"",
         "hostname = \"gw.example.org\"",
     );
-    let out = broker(&["check", "--config", config.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(64));
-    assert!(
-        stderr(&out).contains("would refuse it for `gw.example.org`"),
-        "{}",
-        stderr(&out)
+    refused(
+        &["check", "--config", config.to_str().unwrap()],
+        "would refuse it for `gw.example.org`",
     );
 }
 
@@ -217,12 +225,9 @@ fn the_client_and_server_cas_must_be_different_keys() {
         .open(pki.join("client-ca.pem"))
         .unwrap();
     std::io::Write::write_all(&mut client_cas, server_ca.as_bytes()).unwrap();
-    let out = broker(&["check", "--config", config.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(64));
-    assert!(
-        stderr(&out).contains("use separate CAs"),
-        "{}",
-        stderr(&out)
+    refused(
+        &["check", "--config", config.to_str().unwrap()],
+        "use separate CAs",
     );
 }
 
@@ -257,9 +262,10 @@ fn serve_names_an_unreadable_key() {
     let dir = tempfile::tempdir().unwrap();
     let config = init(dir.path());
     std::fs::remove_file(dir.path().join("broker/pki/server.key")).unwrap();
-    let out = broker(&["serve", "--config", config.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(64));
-    assert!(stderr(&out).contains("server.key"), "{}", stderr(&out));
+    refused(
+        &["serve", "--config", config.to_str().unwrap()],
+        "server.key",
+    );
 }
 
 #[test]
@@ -273,12 +279,9 @@ fn serve_explains_a_port_in_use() {
         "listen = \"127.0.0.1:0\"",
         &format!("listen = \"127.0.0.1:{port}\""),
     );
-    let out = broker(&["serve", "--config", config.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(64));
-    assert!(
-        stderr(&out).contains("another process uses this port"),
-        "{}",
-        stderr(&out)
+    refused(
+        &["serve", "--config", config.to_str().unwrap()],
+        "another process uses this port",
     );
 }
 
@@ -291,12 +294,9 @@ fn serve_locates_policy_errors() {
         "// typo below\npermit (principal, action == Action::\"conect\", resource);\n",
     )
     .unwrap();
-    let out = broker(&["serve", "--config", config.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(64));
-    assert!(
-        stderr(&out).contains("default.cedar:2:"),
-        "{}",
-        stderr(&out)
+    refused(
+        &["serve", "--config", config.to_str().unwrap()],
+        "default.cedar:2:",
     );
 }
 
@@ -394,17 +394,18 @@ fn issue_writes_a_private_admin_bundle() {
     assert_eq!(event["event"]["action"], "cert.issue");
     assert_eq!(event["x509"]["serial_number"], certificate.serial);
 
-    let again = broker(&[
-        "issue",
-        "--config",
-        config.to_str().unwrap(),
-        "--user",
-        "backup@example.org",
-        "--out",
-        out_path.to_str().unwrap(),
-    ]);
-    assert_eq!(again.status.code(), Some(64));
-    assert!(stderr(&again).contains("exists"), "{}", stderr(&again));
+    refused(
+        &[
+            "issue",
+            "--config",
+            config.to_str().unwrap(),
+            "--user",
+            "backup@example.org",
+            "--out",
+            out_path.to_str().unwrap(),
+        ],
+        "exists",
+    );
 }
 
 #[test]
@@ -471,17 +472,18 @@ fn issue_signs_a_request_made_elsewhere() {
         "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
     )
     .unwrap();
-    let bad = broker(&[
-        "issue",
-        "--config",
-        config.to_str().unwrap(),
-        "--user",
-        "host@example.org",
+    refused(
+        &[
+            "issue",
+            "--config",
+            config.to_str().unwrap(),
+            "--user",
+            "host@example.org",
+            "--csr",
+            csr.to_str().unwrap(),
+            "--out",
+            dir.path().join("y").to_str().unwrap(),
+        ],
         "--csr",
-        csr.to_str().unwrap(),
-        "--out",
-        dir.path().join("y").to_str().unwrap(),
-    ]);
-    assert_eq!(bad.status.code(), Some(64));
-    assert!(stderr(&bad).contains("--csr"), "{}", stderr(&bad));
+    );
 }
