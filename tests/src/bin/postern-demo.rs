@@ -37,12 +37,12 @@ fn run(program: &Path, args: &[&str], home: &Path) {
 }
 
 fn main() {
-    let work = tempfile::Builder::new()
-        .prefix("postern-demo-")
-        .tempdir()
-        .unwrap();
-    let home = work.path().join("agent-home");
-    let dir = work.path().join("broker");
+    // Kept after the demo, so that the files and the audit trail can be looked at.
+    let work = postern_tests::workspace().join("target/postern-demo");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let home = work.join("agent-home");
+    let dir = work.join("broker");
     let config = dir.join("broker.toml");
     let (broker, postern) = (bin("postern-broker"), bin("postern"));
 
@@ -85,7 +85,7 @@ fn main() {
     println!("{}", wait_for_line(log, "broker serving"));
 
     say("The administrator issues an identity for alice's device");
-    let bundle = work.path().join("alice.bundle");
+    let bundle = work.join("alice.bundle");
     run(
         &broker,
         &[
@@ -182,9 +182,11 @@ fn main() {
             event["postern"]["service"].as_str().unwrap_or(""),
         );
     }
+    println!("(`postern-broker issue` is a process of its own and numbers its events itself.)");
     println!(
-        "\nThe full trail, one JSON object per line, was in {}.",
-        dir.join("audit.jsonl").display()
+        "\nThe broker folder, the agent's home and the full trail ({}) are kept in {}.",
+        dir.join("audit.jsonl").display(),
+        work.display()
     );
     say("Demo complete: login -> tunnel -> reading mail");
 }
