@@ -63,11 +63,6 @@ impl Home {
         Self { dir }
     }
 
-    /// The folder.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Where the identity (a bundle with its key) is kept.
     pub fn identity_path(&self) -> PathBuf {
         self.dir.join("identity.toml")

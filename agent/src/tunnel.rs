@@ -100,11 +100,6 @@ impl Tunnel {
         })
     }
 
-    /// `HOST:PORT` of the broker.
-    pub fn broker(&self) -> &str {
-        &self.broker
-    }
-
     /// The live connection, connecting first if there is none.
     pub async fn connection(&self) -> Result<Connection, TunnelError> {
         let asked = Instant::now();

@@ -688,7 +688,7 @@ fn decide<'a>(
         .is_some_and(|end| end < now)
     {
         let reason = format!(
-            "this device's certificate expired at {}; get a new identity (`postern login`) and restart `postern up`",
+            "this device's certificate expired at {}; get a new identity (`postern login --bundle FILE`) and restart `postern up`",
             postern_certs::rfc3339(not_after)
         );
         return refuse(RefuseCode::CertificateExpired, reason);

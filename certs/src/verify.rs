@@ -172,11 +172,6 @@ impl ClientVerifier {
         })
     }
 
-    /// The limits this verifier applies.
-    pub fn limits(&self) -> VerifyLimits {
-        self.limits
-    }
-
     /// Verifies `end_entity` at `now` and returns what it certifies.
     ///
     /// Intermediates are never used: client certificates are signed by a client CA directly.
@@ -309,10 +304,14 @@ impl ClientCertVerifier for TlsClientVerifier {
         _intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
-        match self.inner.verify(end_entity, now) {
+        match self.inner.verify(
+            end_entity,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs()),
+        ) {
             Ok(_) => Ok(ClientCertVerified::assertion()),
-            Err(err) => Err(rustls::Error::InvalidCertificate(err.into())),
+            Err(err) => Err(rustls::Error::InvalidCertificate(certificate_error(
+                err, now,
+            ))),
         }
     }
 
@@ -351,35 +350,33 @@ impl ClientCertVerifier for TlsClientVerifier {
     }
 }
 
-impl From<VerifyError> for CertificateError {
-    /// The closest TLS alert, so that the agent can tell its user what went wrong.
-    fn from(err: VerifyError) -> Self {
-        let unix = |time: SystemTime| unix_time(time);
-        match err {
-            VerifyError::Expired(not_after) | VerifyError::CaExpired(not_after) => {
-                CertificateError::ExpiredContext {
-                    time: UnixTime::now(),
-                    not_after: unix(not_after),
-                }
+/// The rustls error with the TLS alert closest to `err`, so that the agent can tell its user
+/// what went wrong; `now` is the time of the check.
+fn certificate_error(err: VerifyError, now: UnixTime) -> CertificateError {
+    match err {
+        VerifyError::Expired(not_after) | VerifyError::CaExpired(not_after) => {
+            CertificateError::ExpiredContext {
+                time: now,
+                not_after: unix_time(not_after),
             }
-            VerifyError::NotYetValid(not_before) => CertificateError::NotValidYetContext {
-                time: UnixTime::now(),
-                not_before: unix(not_before),
-            },
-            VerifyError::Untrusted(webpki::Error::UnknownIssuer) => CertificateError::UnknownIssuer,
-            VerifyError::Untrusted(
-                webpki::Error::InvalidSignatureForPublicKey
-                | webpki::Error::UnsupportedSignatureAlgorithmContext(_)
-                | webpki::Error::SignatureAlgorithmMismatch,
-            ) => CertificateError::BadSignature,
-            VerifyError::Untrusted(
-                webpki::Error::RequiredEkuNotFoundContext(_) | webpki::Error::CaUsedAsEndEntity,
-            )
-            | VerifyError::NotClientAuth => CertificateError::InvalidPurpose,
-            VerifyError::LifetimeTooLong { .. } => CertificateError::ApplicationVerificationFailure,
-            VerifyError::Untrusted(_) | VerifyError::Malformed | VerifyError::BadIdentity(_) => {
-                CertificateError::BadEncoding
-            }
+        }
+        VerifyError::NotYetValid(not_before) => CertificateError::NotValidYetContext {
+            time: now,
+            not_before: unix_time(not_before),
+        },
+        VerifyError::Untrusted(webpki::Error::UnknownIssuer) => CertificateError::UnknownIssuer,
+        VerifyError::Untrusted(
+            webpki::Error::InvalidSignatureForPublicKey
+            | webpki::Error::UnsupportedSignatureAlgorithmContext(_)
+            | webpki::Error::SignatureAlgorithmMismatch,
+        ) => CertificateError::BadSignature,
+        VerifyError::Untrusted(
+            webpki::Error::RequiredEkuNotFoundContext(_) | webpki::Error::CaUsedAsEndEntity,
+        )
+        | VerifyError::NotClientAuth => CertificateError::InvalidPurpose,
+        VerifyError::LifetimeTooLong { .. } => CertificateError::ApplicationVerificationFailure,
+        VerifyError::Untrusted(_) | VerifyError::Malformed | VerifyError::BadIdentity(_) => {
+            CertificateError::BadEncoding
         }
     }
 }
