@@ -30,12 +30,40 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Import an identity bundle from your administrator.
+    /// Log in at your organisation's identity provider through its broker (with your second
+    /// factor), or import an identity bundle from your administrator.
+    ///
+    /// Your administrator gives you the exact command, such as
+    /// `postern login --broker gw.example.org:4433 --pin sha256/…`.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["broker", "bundle"])))]
     Login {
+        /// The broker, as HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        broker: Option<String>,
+        /// The SHA-256 pin of the broker's CA key, as your administrator gave it (repeatable).
+        #[arg(
+            long = "pin",
+            value_name = "sha256/…",
+            requires = "broker",
+            conflicts_with = "ca"
+        )]
+        pins: Vec<postern_certs::Pin>,
+        /// A file with the broker's CA certificate(s), instead of a pin. Without either, the
+        /// broker must have a publicly trusted certificate.
+        #[arg(long, value_name = "FILE", requires = "broker")]
+        ca: Option<PathBuf>,
+        /// Do not try to open a browser; just show the address and code.
+        #[arg(long, requires = "broker")]
+        no_browser: bool,
         /// The bundle file (`postern-broker issue --out …`).
         #[arg(long, value_name = "FILE")]
-        bundle: PathBuf,
+        bundle: Option<PathBuf>,
     },
+    /// Renew this device's certificate now, for the same login (`postern up` does this by itself).
+    Renew,
+    /// Log out: the broker revokes the login at the identity provider, and this device's key,
+    /// certificate and saved login are deleted.
+    Logout,
     /// Make a key on this device and print a signing request for `postern-broker issue --csr`.
     /// The key stays here until `postern login --bundle` brings its certificate.
     Csr {
@@ -80,7 +108,38 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     let home = Home::locate()?;
     match command {
-        Command::Login { bundle } => login(&home, &bundle),
+        Command::Login {
+            broker: Some(broker),
+            pins,
+            ca,
+            no_browser,
+            ..
+        } => {
+            let trust = if !pins.is_empty() {
+                crate::enroll::Trust::Pins(pins)
+            } else if let Some(ca) = ca {
+                let cas = postern_certs::store::read_certificates(&ca)
+                    .with_context(|| format!("cannot use `{}` as the broker's CA", ca.display()))?;
+                crate::enroll::Trust::Cas(cas)
+            } else {
+                crate::enroll::Trust::PublicRoots
+            };
+            let options = crate::login::LoginOptions {
+                broker,
+                trust,
+                open_browser: !no_browser,
+            };
+            runtime()?.block_on(crate::login::login(&home, &options))
+        }
+        Command::Login {
+            bundle: Some(bundle),
+            ..
+        } => login(&home, &bundle),
+        Command::Login { .. } => {
+            bail!("name a broker (--broker HOST:PORT) or a bundle (--bundle FILE)")
+        }
+        Command::Renew => renew(&home),
+        Command::Logout => logout(&home),
         Command::Csr { out } => csr(&home, out),
         Command::Up { listens } => up(&home, &listens),
         Command::Status => status(&home),
@@ -160,15 +219,89 @@ fn csr(home: &Home, out: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn up(home: &Home, listens: &[(ServiceName, SocketAddr)]) -> anyhow::Result<()> {
-    let identity = home.identity()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
+        .context("cannot start the async runtime")
+}
+
+fn renew(home: &Home) -> anyhow::Result<()> {
+    let identity = home.identity()?;
+    let renewed = runtime()?
+        .block_on(crate::renew::renew(home, &identity))
+        .map_err(crate::login::explain_failure)?;
+    let certificate = renewed.inspect()?;
+    println!(
+        "Certificate renewed for {}; valid until {} ({}).",
+        certificate.identity.display_name(),
+        postern_certs::rfc3339(certificate.not_after),
+        remaining(SystemTime::now(), certificate.not_after)
+    );
+    println!("A running `postern up` picks it up at its next renewal; restart it to use it now.");
+    Ok(())
+}
+
+fn logout(home: &Home) -> anyhow::Result<()> {
+    let identity = match home.identity() {
+        Ok(identity) => identity,
+        Err(crate::home::HomeError::NotLoggedIn) => {
+            println!("Not logged in; nothing to do.");
+            return Ok(());
+        }
+        Err(err) => {
+            home.remove_identity()?;
+            println!("The stored identity was unusable ({err}); deleted it.");
+            return Ok(());
+        }
+    };
+    let renewable = identity
+        .login
+        .as_ref()
+        .is_some_and(|login| login.sealed.is_some());
+    let revoked = if renewable {
+        runtime()?.block_on(async {
+            let session = crate::enroll::Session::connect_for(&identity).await?;
+            let revoked = session.logout(&identity).await;
+            session.close().await;
+            revoked
+        })
+    } else {
+        Ok(false)
+    };
+    home.remove_identity()?;
+    println!(
+        "Deleted this device's key, certificate and saved login ({}).",
+        home.identity_path().display()
+    );
+    match revoked {
+        Ok(true) => println!("The identity provider revoked the login."),
+        Ok(false) if renewable => println!(
+            "The identity provider offers no revocation; the saved login is gone from this device and useless without its key."
+        ),
+        Ok(false) => {}
+        Err(err) => println!(
+            "Could not ask the broker to revoke the login at the identity provider ({err}); the saved login is gone from              this device and useless without its key."
+        ),
+    }
+    println!("Programs connected through a running `postern up` stay connected until it stops.");
+    Ok(())
+}
+
+fn up(home: &Home, listens: &[(ServiceName, SocketAddr)]) -> anyhow::Result<()> {
+    let mut identity = home.identity()?;
+    let runtime = runtime()?;
     runtime.block_on(async {
         let mut signals = postern_transport::Signals::install();
-        let agent = Agent::start(&identity, listens, SystemTime::now()).await?;
+        if crate::renew::renewable_after_expiry(&identity, SystemTime::now()) {
+            eprintln!("postern: the certificate ended while this device was away; renewing it");
+            identity = crate::renew::renew(home, &identity)
+                .await
+                .map_err(crate::login::explain_failure)?;
+        }
+        let agent = Agent::start(&identity, listens, SystemTime::now())
+            .await?
+            .with_renewal(home.clone(), identity.clone());
         let shutdown = agent.shutdown_token();
         tokio::spawn(async move {
             signals.recv().await;
@@ -204,10 +337,16 @@ fn status(home: &Home) -> anyhow::Result<()> {
     if !who.groups.is_empty() {
         println!("Groups:       {}", who.groups.join(", "));
     }
+    let renewable = crate::renew::renewable_after_expiry(&identity, now);
     if certificate.not_after < now {
         println!(
-            "Certificate:  EXPIRED at {}; run `postern login`",
-            postern_certs::rfc3339(certificate.not_after)
+            "Certificate:  EXPIRED at {}; {}",
+            postern_certs::rfc3339(certificate.not_after),
+            if renewable {
+                "`postern up` or `postern renew` renews it"
+            } else {
+                "run `postern login`"
+            }
         );
     } else {
         println!(
@@ -215,6 +354,25 @@ fn status(home: &Home) -> anyhow::Result<()> {
             postern_certs::rfc3339(certificate.not_after),
             remaining(now, certificate.not_after)
         );
+    }
+    if let Some(login) = &identity.login {
+        let renews = if login.sealed.is_some() {
+            "renewed automatically until then"
+        } else {
+            "no renewal (the identity provider gave no refresh token)"
+        };
+        if login.session_ends <= now {
+            println!(
+                "Login:        ENDED at {}; run `postern login`",
+                postern_certs::rfc3339(login.session_ends)
+            );
+        } else {
+            println!(
+                "Login:        ends {} ({}); {renews}",
+                postern_certs::rfc3339(login.session_ends),
+                remaining(now, login.session_ends)
+            );
+        }
     }
     println!(
         "Broker:       {} (certificate name {})",
@@ -226,7 +384,8 @@ fn status(home: &Home) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn remaining(now: SystemTime, until: SystemTime) -> String {
+/// Time left until `until`, as `8h05m left`.
+pub fn remaining(now: SystemTime, until: SystemTime) -> String {
     let seconds = until.duration_since(now).map_or(0, |d| d.as_secs());
     format!("{}h{:02}m left", seconds / 3600, seconds % 3600 / 60)
 }

@@ -24,7 +24,9 @@ pub enum HomeError {
     #[error("cannot find a configuration folder for postern; set {HOME_ENV}")]
     NoHome,
     /// Nobody logged in on this device yet.
-    #[error("not logged in: run `postern login --bundle FILE` first")]
+    #[error(
+        "not logged in: run `postern login --broker HOST:PORT --pin …` (your administrator gives you the line) first"
+    )]
     NotLoggedIn,
     /// The stored identity is unreadable.
     #[error("the identity in `{}` is unusable ({source}); run `postern login` again", path.display())]
@@ -104,6 +106,16 @@ impl Home {
         self.create()?;
         store::write_secret(&self.identity_path(), &bundle.to_toml(), WriteMode::Replace)?;
         Ok(())
+    }
+
+    /// Deletes the stored identity (key, certificate and sealed login).
+    pub fn remove_identity(&self) -> Result<(), HomeError> {
+        let path = self.identity_path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StoreError::Write { path, source }.into()),
+        }
     }
 
     /// The key made by `postern csr`, if one is waiting.

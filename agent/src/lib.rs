@@ -8,8 +8,11 @@
 //! The binary is a thin wrapper over [`cli::main`]; tests drive the same functions in-process.
 
 pub mod cli;
+pub mod enroll;
 pub mod home;
 pub mod local;
+pub mod login;
+pub mod renew;
 pub mod tunnel;
 pub mod up;
 

@@ -36,6 +36,8 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct Tunnel {
     endpoint: Endpoint,
+    /// TLS and transport settings; replaced when the certificate is renewed.
+    config: Mutex<quinn::ClientConfig>,
     broker: String,
     server_name: String,
     slot: Mutex<Slot>,
@@ -81,19 +83,10 @@ pub enum TunnelError {
 impl Tunnel {
     /// A tunnel for the identity in `bundle`; nothing is sent until it is used.
     pub fn new(bundle: &Bundle, credential: ClientCredential) -> Result<Self, TunnelError> {
-        let setup = |e: &dyn std::fmt::Display| TunnelError::Setup(e.to_string());
-        let tls = postern_certs::client_config(&bundle.server_cas, Some(credential), ALPN_TUNNEL)
-            .map_err(|e| setup(&e))?;
-        let quic = QuicClientConfig::try_from(tls).map_err(|e| setup(&e))?;
-        let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
-        client_config.transport_config(TUNING.transport_config());
-        // One dual-stack socket reaches IPv4 and IPv6 addresses of the broker alike.
-        let mut endpoint = Endpoint::client(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
-            .or_else(|_| Endpoint::client(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))))
-            .map_err(|e| setup(&e))?;
-        endpoint.set_default_client_config(client_config);
+        let config = Mutex::new(client_config(bundle, credential)?);
         Ok(Self {
-            endpoint,
+            endpoint: endpoint()?,
+            config,
             broker: bundle.broker.clone(),
             server_name: bundle.server_name.clone(),
             slot: Mutex::new(Slot::default()),
@@ -194,49 +187,92 @@ impl Tunnel {
         }
     }
 
-    /// Connects to every address the broker's name resolves to, staggered, and keeps the first
-    /// that completes the handshake.
     async fn connect(&self) -> Result<Connection, TunnelError> {
-        let addresses: Vec<SocketAddr> = tokio::net::lookup_host(self.broker.as_str())
-            .await
-            .map_err(|e| TunnelError::Resolve {
-                broker: self.broker.clone(),
-                detail: e.to_string(),
-            })?
-            .collect();
-        if addresses.is_empty() {
-            let detail = "the name resolves to no address".to_owned();
-            return Err(TunnelError::Resolve {
-                broker: self.broker.clone(),
-                detail,
-            });
-        }
-        let mut attempts = JoinSet::new();
-        for (index, address) in addresses.iter().copied().enumerate() {
-            let (endpoint, server_name) = (self.endpoint.clone(), self.server_name.clone());
-            let delay = ATTEMPT_STAGGER * u32::try_from(index).unwrap_or(u32::MAX);
-            attempts.spawn(async move {
-                tokio::time::sleep(delay).await;
-                let connecting = endpoint.connect(address, &server_name).map_err(|e| (address, e.to_string()))?;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
-                    Ok(result) => result.map_err(|e| (address, explain(&e))),
-                    Err(_) => Err((address, format!("no answer within {}s; check the address and that its UDP port is reachable from here", HANDSHAKE_TIMEOUT.as_secs()))),
-                }
-            });
-        }
-        let mut failures = Vec::new();
-        while let Some(result) = attempts.join_next().await {
-            match result {
-                Ok(Ok(connection)) => return Ok(connection),
-                Ok(Err((address, detail))) => failures.push(format!("{address}: {detail}")),
-                Err(join) => failures.push(join.to_string()),
-            }
-        }
-        Err(TunnelError::Connect {
-            broker: self.broker.clone(),
-            detail: failures.join("; "),
-        })
+        let config = self.config.lock().await.clone();
+        dial(&self.endpoint, &config, &self.broker, &self.server_name).await
     }
+
+    /// Uses a renewed certificate from now on: new streams go over a new connection, while
+    /// streams already open keep the connection they run on.
+    pub async fn renewed(
+        &self,
+        bundle: &Bundle,
+        credential: ClientCredential,
+    ) -> Result<(), TunnelError> {
+        *self.config.lock().await = client_config(bundle, credential)?;
+        *self.slot.lock().await = Slot::default();
+        Ok(())
+    }
+}
+
+fn client_config(
+    bundle: &Bundle,
+    credential: ClientCredential,
+) -> Result<quinn::ClientConfig, TunnelError> {
+    let setup = |e: &dyn std::fmt::Display| TunnelError::Setup(e.to_string());
+    let tls = postern_certs::client_config(&bundle.server_cas, Some(credential), ALPN_TUNNEL)
+        .map_err(|e| setup(&e))?;
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| setup(&e))?;
+    let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
+    client_config.transport_config(TUNING.transport_config());
+    Ok(client_config)
+}
+
+/// A QUIC endpoint on a dual-stack socket, which reaches IPv4 and IPv6 addresses alike.
+pub(crate) fn endpoint() -> Result<Endpoint, TunnelError> {
+    Endpoint::client(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
+        .or_else(|_| Endpoint::client(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))))
+        .map_err(|e| TunnelError::Setup(e.to_string()))
+}
+
+/// Connects to every address `broker` resolves to, staggered, and keeps the first that
+/// completes the handshake.
+pub(crate) async fn dial(
+    endpoint: &Endpoint,
+    config: &quinn::ClientConfig,
+    broker: &str,
+    server_name: &str,
+) -> Result<Connection, TunnelError> {
+    let addresses: Vec<SocketAddr> = tokio::net::lookup_host(broker)
+        .await
+        .map_err(|e| TunnelError::Resolve {
+            broker: broker.to_owned(),
+            detail: e.to_string(),
+        })?
+        .collect();
+    if addresses.is_empty() {
+        let detail = "the name resolves to no address".to_owned();
+        return Err(TunnelError::Resolve {
+            broker: broker.to_owned(),
+            detail,
+        });
+    }
+    let mut attempts = JoinSet::new();
+    for (index, address) in addresses.iter().copied().enumerate() {
+        let (endpoint, config, server_name) =
+            (endpoint.clone(), config.clone(), server_name.to_owned());
+        let delay = ATTEMPT_STAGGER * u32::try_from(index).unwrap_or(u32::MAX);
+        attempts.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let connecting = endpoint.connect_with(config, address, &server_name).map_err(|e| (address, e.to_string()))?;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+                Ok(result) => result.map_err(|e| (address, explain(&e))),
+                Err(_) => Err((address, format!("no answer within {}s; check the address and that its UDP port is reachable from here", HANDSHAKE_TIMEOUT.as_secs()))),
+            }
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(result) = attempts.join_next().await {
+        match result {
+            Ok(Ok(connection)) => return Ok(connection),
+            Ok(Err((address, detail))) => failures.push(format!("{address}: {detail}")),
+            Err(join) => failures.push(join.to_string()),
+        }
+    }
+    Err(TunnelError::Connect {
+        broker: broker.to_owned(),
+        detail: failures.join("; "),
+    })
 }
 
 /// What to do when the broker turns this device's identity away.

@@ -22,6 +22,7 @@ pub struct Agent {
     tunnel: Arc<Tunnel>,
     listeners: Vec<(ServiceName, TcpListener)>,
     shutdown: CancellationToken,
+    renewal: Option<(crate::Home, Bundle)>,
 }
 
 /// Why the agent could not start.
@@ -108,7 +109,14 @@ impl Agent {
             tunnel,
             listeners,
             shutdown: CancellationToken::new(),
+            renewal: None,
         })
+    }
+
+    /// Renews `identity` (stored in `home`) before its certificate ends, while the agent runs.
+    pub fn with_renewal(mut self, home: crate::Home, identity: Bundle) -> Self {
+        self.renewal = Some((home, identity));
+        self
     }
 
     /// Each service and the local address it is served on.
@@ -135,8 +143,17 @@ impl Agent {
             tunnel,
             listeners,
             shutdown,
+            renewal,
         } = self;
         let tasks = TaskTracker::new();
+        if let Some((home, identity)) = renewal {
+            tasks.spawn(crate::renew::keep_renewed(
+                home,
+                identity,
+                tunnel.clone(),
+                shutdown.clone(),
+            ));
+        }
         // Connect ahead of the first program, so that it does not wait for the handshake.
         let early = tunnel.clone();
         tasks.spawn(async move {

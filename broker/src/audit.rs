@@ -129,6 +129,8 @@ pub enum Event<'a> {
         /// Why it ended.
         reason: &'a str,
     },
+    /// A login, renewal or logout: allowed or refused, and why.
+    Login(Login<'a>),
     /// An administrator issued a certificate with `postern-broker issue`.
     CertificateIssue {
         /// The identity certified.
@@ -159,6 +161,35 @@ pub struct Connect<'a> {
     pub policies: &'a [String],
     /// Policy evaluation errors.
     pub errors: &'a [String],
+}
+
+/// What the audit trail records about a login, renewal or logout.
+#[derive(Debug, Clone)]
+pub struct Login<'a> {
+    /// `enroll`, `renew` or `logout`.
+    pub operation: &'static str,
+    /// Whether it succeeded.
+    pub allowed: bool,
+    /// Where the enrollment connection came from.
+    pub source: SocketAddr,
+    /// The login flow, such as `device_code`.
+    pub flow: &'static str,
+    /// The identity, once known: certified on success, claimed by the ID token on refusal.
+    pub identity: Option<&'a Identity>,
+    /// The failure code sent to the agent.
+    pub code: Option<&'static str>,
+    /// Why it failed, in full (the agent may get a shorter sentence).
+    pub reason: Option<String>,
+    /// Policies that decided.
+    pub policies: &'a [String],
+    /// Policy evaluation errors.
+    pub policy_errors: &'a [String],
+    /// The certificate issued: serial (hex) and end of validity.
+    pub certificate: Option<(String, SystemTime)>,
+    /// When the login ends.
+    pub session_ends: Option<SystemTime>,
+    /// Whether the IdP revoked the refresh token (logout).
+    pub revoked: Option<bool>,
 }
 
 impl Audit {
@@ -339,6 +370,39 @@ impl Audit {
                 );
                 fields
             }
+            Event::Login(login) => {
+                let mut postern = json!({ "operation": login.operation, "flow": login.flow });
+                if let Some(identity) = login.identity {
+                    merge(&mut postern, authentication(identity, None));
+                    if let Some(acr) = &identity.auth.acr {
+                        postern["acr"] = json!(acr);
+                    }
+                }
+                if let Some(code) = login.code {
+                    postern["code"] = json!(code);
+                }
+                if !login.policies.is_empty() || !login.policy_errors.is_empty() {
+                    postern["policies"] = json!(login.policies);
+                    postern["policy_errors"] = json!(login.policy_errors);
+                }
+                if let Some(ends) = login.session_ends {
+                    postern["session_ends"] = json!(postern_certs::rfc3339(ends));
+                }
+                if let Some(revoked) = login.revoked {
+                    postern["refresh_token_revoked"] = json!(revoked);
+                }
+                let mut fields = json!({ "source": address(login.source), "postern": postern });
+                if let Some(identity) = login.identity {
+                    fields["user"] = user(identity);
+                }
+                if let Some(reason) = &login.reason {
+                    fields["event"] = json!({ "reason": reason });
+                }
+                if let Some((serial, not_after)) = &login.certificate {
+                    fields["x509"] = json!({ "serial_number": serial, "not_after": postern_certs::rfc3339(*not_after) });
+                }
+                fields
+            }
             Event::CertificateIssue {
                 identity,
                 serial,
@@ -450,6 +514,14 @@ impl Event<'_> {
             Event::ConnectDeny { .. } => "connect.deny",
             Event::SessionClose { .. } => "session.close",
             Event::CertificateIssue { .. } => "cert.issue",
+            Event::Login(login) => match (login.operation, login.allowed) {
+                ("enroll", true) => "enroll.allow",
+                ("enroll", false) => "enroll.deny",
+                ("renew", true) => "renew.allow",
+                ("renew", false) => "renew.deny",
+                (_, true) => "logout",
+                (_, false) => "logout.deny",
+            },
         }
     }
 
@@ -460,6 +532,7 @@ impl Event<'_> {
                 &["authentication", "network"]
             }
             Event::CertificateIssue { .. } => &["iam"],
+            Event::Login(_) => &["authentication", "iam"],
             _ => &["network"],
         }
     }
@@ -467,6 +540,7 @@ impl Event<'_> {
     fn outcome(&self) -> &'static str {
         match self {
             Event::ConnectionDeny { .. } | Event::ConnectDeny { .. } => "failure",
+            Event::Login(login) if !login.allowed => "failure",
             _ => "success",
         }
     }

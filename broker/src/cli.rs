@@ -47,6 +47,21 @@ enum Command {
         /// `imap=mail.internal:993`.
         #[arg(long = "service", value_name = "NAME=HOST:PORT", required = true)]
         services: Vec<String>,
+        /// Issuer URL of the OpenID provider people log in at, such as
+        /// `https://idp.example.org/realms/acme`. Without it, only `issue` makes certificates.
+        #[arg(long, requires = "client_id")]
+        issuer: Option<String>,
+        /// The broker's client id at the IdP (a client with the device authorization grant and
+        /// refresh tokens; docs/identity-providers.md).
+        #[arg(long, requires = "issuer")]
+        client_id: Option<String>,
+        /// File holding the client secret, for a confidential client.
+        #[arg(long, requires = "issuer")]
+        client_secret_file: Option<PathBuf>,
+        /// A scope to request (repeat for several). Default: openid, email, profile,
+        /// offline_access.
+        #[arg(long = "scope", requires = "issuer")]
+        scopes: Vec<String>,
     },
     /// Check the configuration, certificates and policies as `serve` would, without serving.
     Check {
@@ -122,12 +137,33 @@ fn run(command: Command) -> Result<(), Failure> {
             hostname,
             listen,
             services,
+            issuer,
+            client_id,
+            client_secret_file,
+            scopes,
         } => {
+            let client_secret_file = client_secret_file
+                .map(|file| {
+                    std::path::absolute(&file)
+                        .map(|path| path.display().to_string())
+                        .with_context(|| format!("cannot resolve `{}`", file.display()))
+                })
+                .transpose()
+                .map_err(config_failure)?;
+            let oidc = issuer
+                .zip(client_id)
+                .map(|(issuer, client_id)| config::OidcTemplate {
+                    issuer,
+                    client_id,
+                    client_secret_file,
+                    scopes,
+                });
             let options = InitOptions {
                 dir,
                 hostname,
                 listen,
                 services,
+                oidc,
             };
             let config_path = init(&options, SystemTime::now()).map_err(config_failure)?;
             print_init_summary(&options, &config_path);
@@ -257,10 +293,13 @@ fn print_init_summary(options: &InitOptions, config_path: &std::path::Path) {
         .unwrap_or(4433);
     println!("Created a Postern broker in {dir}:");
     println!("  {config}   settings, each documented with its default");
-    println!("  {dir}/pki/           CAs and the server certificate (keys are mode 0600)");
     println!(
-        "  {dir}/policies/      Cedar policies; default.cedar lets any valid certificate reach any service"
+        "  {dir}/pki/           CAs, the server certificate and the seal key (keys are mode 0600)"
     );
+    println!(
+        "  {dir}/policies/      Cedar policies; default.cedar asks for a second factor at login and lets"
+    );
+    println!("                        any valid certificate reach any service");
     println!();
     println!("Next:");
     println!("  1. Start the broker:   postern-broker serve --config {config}");
@@ -268,14 +307,39 @@ fn print_init_summary(options: &InitOptions, config_path: &std::path::Path) {
         "  2. Let agents reach UDP port {port} on {}.",
         options.hostname
     );
-    println!("  3. Issue an identity for a machine or for break-glass use:");
+    let address = config::join_host_port(&options.hostname, port);
+    match (&options.oidc, login_pin(&options.dir)) {
+        (Some(_), Ok(pin)) => {
+            println!("  3. Hand this command to the people who will log in:");
+            println!();
+            println!("       postern login --broker {address} --pin {pin}");
+            println!();
+        }
+        (Some(_), Err(err)) => println!("  3. (cannot compute the pin: {err:#})"),
+        (None, _) => {
+            println!(
+                "  3. No identity provider is configured (--issuer, --client-id): people cannot log in"
+            );
+            println!(
+                "     until an [oidc] table is added to {config}. Meanwhile, issue identities:"
+            );
+        }
+    }
+    println!("  For a machine or for break-glass use, issue an identity directly:");
     println!(
         "       postern-broker issue --config {config} --user someone@example.org --out someone.bundle"
     );
     println!("     and on that device:  postern login --bundle someone.bundle && postern up");
     println!(
-        "  4. Keep {dir}/pki/server-ca.key offline once you no longer need it to renew the server certificate."
+        "  Keep {dir}/pki/server-ca.key offline once you no longer need it to renew the server certificate."
     );
+}
+
+/// The pin of the server CA in a broker folder, as agents check it.
+fn login_pin(dir: &std::path::Path) -> anyhow::Result<postern_certs::Pin> {
+    let cas = postern_certs::store::read_certificates(&dir.join("pki").join("server-ca.pem"))?;
+    let first = cas.first().context("the server CA file is empty")?;
+    Ok(postern_certs::Pin::of(first)?)
 }
 
 fn config_failure(error: impl Into<anyhow::Error>) -> Failure {

@@ -27,6 +27,18 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_MAX_STREAMS: u32 = 256;
 /// Default time sessions get to finish on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default lifetime of a certificate issued at login or renewal.
+pub const DEFAULT_CERTIFICATE_TTL: Duration = Duration::from_secs(8 * 3600);
+/// Default time from authentication at the IdP after which a login cannot be renewed.
+pub const DEFAULT_MAX_SESSION_AGE: Duration = Duration::from_secs(10 * 3600);
+/// Default logins waiting for approval at once, from all sources.
+pub const DEFAULT_MAX_PENDING_LOGINS: usize = 256;
+/// Default logins waiting for approval at once from one source address.
+pub const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 4;
+/// Default scopes requested at the IdP: an ID token, email, name, and a refresh token.
+pub const DEFAULT_SCOPES: &[&str] = &["openid", "email", "profile", "offline_access"];
+/// Longest device code lifetime honoured, whatever the IdP says.
+pub const MAX_DEVICE_CODE_LIFETIME: Duration = Duration::from_secs(15 * 60);
 /// Largest `pki.max_clock_skew` accepted: more would keep expired certificates working.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(10 * 60);
 /// Largest `pki.max_cert_lifetime` accepted: certificates are meant to be short-lived.
@@ -53,6 +65,40 @@ pub struct Config {
     pub limits: Limits,
     /// The services agents may reach, and nothing else.
     pub services: BTreeMap<ServiceName, ServiceConfig>,
+    /// The identity provider people log in at; without it, only admin-issued bundles work.
+    pub oidc: Option<Oidc>,
+    /// Certificates from logins and renewals.
+    pub login: LoginConfig,
+}
+
+/// The OpenID provider and how the broker is registered there.
+#[derive(Debug, Clone)]
+pub struct Oidc {
+    /// The issuer URL, compared byte for byte with `iss` in tokens.
+    pub issuer: String,
+    /// The broker's client id.
+    pub client_id: String,
+    /// File holding the client secret, for a confidential client.
+    pub client_secret_file: Option<PathBuf>,
+    /// Scopes requested.
+    pub scopes: Vec<String>,
+    /// CA certificates for the IdP's HTTPS; the public roots when absent.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Certificates from logins and renewals.
+#[derive(Debug, Clone)]
+pub struct LoginConfig {
+    /// Lifetime of a certificate from a login or renewal.
+    pub certificate_ttl: Duration,
+    /// Time after authentication at the IdP beyond which no renewal is made.
+    pub max_session_age: Duration,
+    /// Key that seals refresh tokens handed to agents.
+    pub seal_key: PathBuf,
+    /// Logins waiting for approval at once, from all sources.
+    pub max_pending: usize,
+    /// Logins waiting for approval at once from one source address.
+    pub max_pending_per_source: usize,
 }
 
 /// Paths and limits of the broker's certificates.
@@ -164,6 +210,29 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     services: BTreeMap<String, RawService>,
+    oidc: Option<RawOidc>,
+    #[serde(default)]
+    login: RawLogin,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOidc {
+    issuer: String,
+    client_id: String,
+    client_secret_file: Option<PathBuf>,
+    scopes: Option<Vec<String>>,
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLogin {
+    certificate_ttl: Option<String>,
+    max_session_age: Option<String>,
+    seal_key: Option<PathBuf>,
+    max_pending: Option<usize>,
+    max_pending_per_source: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -404,6 +473,83 @@ impl Config {
             );
         }
 
+        let oidc = raw
+            .oidc
+            .map(|oidc| {
+                check_issuer(&oidc.issuer).map_err(|m| invalid("oidc.issuer", m))?;
+                if oidc.client_id.is_empty() || oidc.client_id.chars().any(char::is_control) {
+                    return Err(invalid(
+                        "oidc.client_id",
+                        "must be the client id registered at the IdP".into(),
+                    ));
+                }
+                let scopes = oidc
+                    .scopes
+                    .unwrap_or_else(|| DEFAULT_SCOPES.iter().map(|s| (*s).to_owned()).collect());
+                if !scopes.iter().any(|s| s == "openid") {
+                    return Err(invalid(
+                        "oidc.scopes",
+                        "must include \"openid\": the broker needs an ID token".into(),
+                    ));
+                }
+                if let Some(bad) = scopes.iter().find(|s| {
+                    s.is_empty()
+                        || !s
+                            .chars()
+                            .all(|c| c.is_ascii_graphic() && c != '"' && c != '\\')
+                }) {
+                    return Err(invalid(
+                        "oidc.scopes",
+                        format!("holds {bad:?}, which is not a scope token (RFC 6749, 3.3)"),
+                    ));
+                }
+                Ok(Oidc {
+                    issuer: oidc.issuer,
+                    client_id: oidc.client_id,
+                    client_secret_file: oidc.client_secret_file.map(|f| base.join(f)),
+                    scopes,
+                    ca_file: oidc.ca_file.map(|f| base.join(f)),
+                })
+            })
+            .transpose()?;
+        let certificate_ttl = at_most(
+            "login.certificate_ttl",
+            duration(
+                "login.certificate_ttl",
+                raw.login.certificate_ttl.as_deref(),
+                DEFAULT_CERTIFICATE_TTL,
+            )?,
+            pki.max_cert_lifetime,
+        )?;
+        let max_session_age = duration(
+            "login.max_session_age",
+            raw.login.max_session_age.as_deref(),
+            DEFAULT_MAX_SESSION_AGE,
+        )?;
+        let max_pending = raw.login.max_pending.unwrap_or(DEFAULT_MAX_PENDING_LOGINS);
+        let max_pending_per_source = raw
+            .login
+            .max_pending_per_source
+            .unwrap_or(DEFAULT_MAX_PENDING_PER_SOURCE);
+        if max_pending == 0 || max_pending_per_source == 0 || max_pending_per_source > max_pending {
+            return Err(invalid(
+                "login.max_pending_per_source",
+                "and `login.max_pending` must be at least 1, the first no larger than the second"
+                    .into(),
+            ));
+        }
+        let login = LoginConfig {
+            certificate_ttl,
+            max_session_age,
+            seal_key: base.join(
+                raw.login
+                    .seal_key
+                    .unwrap_or_else(|| PathBuf::from("pki/seal.key")),
+            ),
+            max_pending,
+            max_pending_per_source,
+        };
+
         Ok(Config {
             path: path.to_owned(),
             hostname,
@@ -414,7 +560,44 @@ impl Config {
             audit,
             limits,
             services,
+            oidc,
+            login,
         })
+    }
+}
+
+/// An issuer is an `https` URL without query or fragment; plain `http` only on loopback, where
+/// tokens never cross a network.
+fn check_issuer(issuer: &str) -> Result<(), String> {
+    let expected = format!(
+        "`{issuer}` is not an issuer URL such as \"https://idp.example.org/realms/acme\" (https, no query or fragment)"
+    );
+    let (scheme, rest) = issuer.split_once("://").ok_or_else(|| expected.clone())?;
+    if issuer.contains(['?', '#']) || issuer.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(expected);
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    if host.is_empty() {
+        return Err(expected);
+    }
+    match scheme {
+        "https" => Ok(()),
+        "http"
+            if host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback()) =>
+        {
+            Ok(())
+        }
+        "http" => Err(format!(
+            "`{issuer}` uses plain http: tokens would cross the network unencrypted; use https (plain http is accepted only on loopback)"
+        )),
+        _ => Err(expected),
     }
 }
 
@@ -459,8 +642,26 @@ pub fn join_host_port(host: &str, port: u16) -> String {
     }
 }
 
+/// The IdP settings `postern-broker init` writes into the template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcTemplate {
+    /// The issuer URL.
+    pub issuer: String,
+    /// The client id.
+    pub client_id: String,
+    /// The client secret file, relative to the configuration's folder.
+    pub client_secret_file: Option<String>,
+    /// Scopes; the default when empty.
+    pub scopes: Vec<String>,
+}
+
 /// The commented `broker.toml` that `postern-broker init` writes.
-pub fn template(hostname: &str, listen: &str, services: &[(ServiceName, String, u16)]) -> String {
+pub fn template(
+    hostname: &str,
+    listen: &str,
+    services: &[(ServiceName, String, u16)],
+    oidc: Option<&OidcTemplate>,
+) -> String {
     let mut text = format!(
         r#"# postern-broker configuration, written by `postern-broker init`.
 # Relative paths are resolved against the folder of this file.
@@ -510,12 +711,76 @@ client_ca_key = "pki/client-ca.key"
 # max_streams_per_connection = {DEFAULT_MAX_STREAMS}
 # On shutdown, time open sessions get to finish before they are cut. Default: "{grace}".
 # shutdown_grace = "{grace}"
+
+[login]
+# Lifetime of a certificate from `postern login` or a renewal; at most `pki.max_cert_lifetime`.
+# Default: "{ttl}".
+# certificate_ttl = "{ttl}"
+# Time after the person authenticated at the IdP (auth_time) beyond which no renewal is made:
+# then they log in again, with their second factor. Default: "{age}".
+# max_session_age = "{age}"
+# Key that seals the refresh tokens agents keep; all replicas of a broker share it. Default:
+# "pki/seal.key".
+# seal_key = "pki/seal.key"
+# Logins waiting for approval at once, in total and from one source address. Defaults: {pending}, {per_source}.
+# max_pending = {pending}
+# max_pending_per_source = {per_source}
 "#,
         connect = humantime::format_duration(DEFAULT_CONNECT_TIMEOUT),
         open = humantime::format_duration(DEFAULT_OPEN_TIMEOUT),
         idle = humantime::format_duration(DEFAULT_IDLE_TIMEOUT),
         grace = humantime::format_duration(DEFAULT_SHUTDOWN_GRACE),
+        ttl = humantime::format_duration(DEFAULT_CERTIFICATE_TTL),
+        age = humantime::format_duration(DEFAULT_MAX_SESSION_AGE),
+        pending = DEFAULT_MAX_PENDING_LOGINS,
+        per_source = DEFAULT_MAX_PENDING_PER_SOURCE,
     );
+    let default_scopes: Vec<String> = DEFAULT_SCOPES.iter().map(|s| (*s).to_owned()).collect();
+    let quoted = |scopes: &[String]| {
+        scopes
+            .iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let oidc_header = "
+# The OpenID provider people log in at with `postern login`. The broker is its OAuth client
+# (device authorization grant, RFC 8628); docs/identity-providers.md shows each IdP's settings.
+";
+    match oidc {
+        Some(oidc) => {
+            text.push_str(oidc_header);
+            text.push_str(&format!(
+                "[oidc]\n# Issuer URL, compared byte for byte with `iss` in tokens.\nissuer = {:?}\nclient_id = {:?}\n",
+                oidc.issuer, oidc.client_id
+            ));
+            match &oidc.client_secret_file {
+                Some(file) => text.push_str(&format!(
+                    "# File with the client secret (confidential client). Keep it 0600.\nclient_secret_file = {file:?}\n"
+                )),
+                None => text.push_str(
+                    "# File with the client secret, for a confidential client. Default: none (public client).\n# client_secret_file = \"pki/oidc-client-secret\"\n",
+                ),
+            }
+            let scopes = if oidc.scopes.is_empty() {
+                &default_scopes
+            } else {
+                &oidc.scopes
+            };
+            text.push_str(&format!(
+                "# Scopes requested. Default: [{}].\nscopes = [{}]\n# CA certificates for the IdP's HTTPS. Default: the publicly trusted roots.\n# ca_file = \"pki/idp-ca.pem\"\n",
+                quoted(&default_scopes),
+                quoted(scopes)
+            ));
+        }
+        None => {
+            text.push_str(oidc_header);
+            text.push_str(&format!(
+                "# Without it, only certificates from `postern-broker issue` work.\n# [oidc]\n# issuer = \"https://idp.example.org/realms/acme\"\n# client_id = \"postern\"\n# scopes = [{}]\n",
+                quoted(&default_scopes)
+            ));
+        }
+    }
     for (name, address, port) in services {
         text.push_str(&format!(
             r#"
@@ -552,6 +817,7 @@ mod tests {
                 "mail.internal:993".into(),
                 993,
             )],
+            None,
         )
     }
 

@@ -15,12 +15,25 @@ pub const CA_LIFETIME: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
 /// Lifetime of the server certificate `init` creates.
 pub const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
 
-/// The starting policy: any valid certificate reaches any configured service.
+/// The starting policy: a login needs a real second factor; any valid certificate reaches any
+/// configured service.
 pub const DEFAULT_POLICY: &str = r#"// Postern's starting policy, written by `postern-broker init`.
-//
+// docs/policy.md explains every entity and context field; narrow this down before real use.
+
+// A login (and each renewal, which keeps the login's authentication) needs multi-factor
+// authentication at the IdP: "mfa" in amr, or a knowledge factor together with a possession or
+// inherence factor (RFC 8176 values, plus "password" as some IdPs write it). IdPs differ:
+// docs/identity-providers.md has the line for each, such as an acr value.
+@id("login-requires-mfa")
+permit (principal, action in [Action::"enroll", Action::"renew"], resource is Broker)
+when {
+  context.authentication.amr.contains("mfa") ||
+  (context.authentication.amr.containsAny(["pwd", "password", "pin", "kba"]) &&
+   context.authentication.amr.containsAny(
+     ["otp", "hwk", "swk", "sms", "tel", "sc", "fpt", "face", "iris", "retina", "vbm"]))
+};
+
 // Anyone holding a valid certificate from this broker may reach every configured service.
-// Certificates come from `postern-broker issue`. Narrow this down before real use: see
-// docs/policy.md for rules on groups, networks and how people authenticated.
 @id("any-certificate-any-service")
 permit (principal, action == Action::"connect", resource is Service);
 "#;
@@ -36,6 +49,8 @@ pub struct InitOptions {
     pub listen: String,
     /// Services as `NAME=HOST:PORT`.
     pub services: Vec<String>,
+    /// The identity provider, when people will log in with `postern login`.
+    pub oidc: Option<crate::config::OidcTemplate>,
 }
 
 /// Why `init` refused.
@@ -136,10 +151,18 @@ pub fn init(options: &InitOptions, now: SystemTime) -> Result<PathBuf, InitError
         server.key_pem.expose(),
         WriteMode::CreateNew,
     )?;
-    // The chain agents receive: the server certificate; they hold the CA from their bundle.
+    // The chain agents receive: the server certificate, then its CA, so that an agent holding
+    // only the CA's pin can verify it (`postern login --pin`).
     write_public(
         &pki.join("server.pem"),
-        &server.cert_pem,
+        &format!("{}{}", server.cert_pem, server_ca_files.cert_pem),
+        WriteMode::CreateNew,
+    )?;
+    write_secret(
+        &pki.join("seal.key"),
+        &crate::seal::SealKey::generate()
+            .map_err(|e| generate(&e))?
+            .to_file_text(),
         WriteMode::CreateNew,
     )?;
     write_secret(
@@ -157,7 +180,12 @@ pub fn init(options: &InitOptions, now: SystemTime) -> Result<PathBuf, InitError
         DEFAULT_POLICY,
         WriteMode::CreateNew,
     )?;
-    let text = config::template(&options.hostname, &options.listen, &services);
+    let text = config::template(
+        &options.hostname,
+        &options.listen,
+        &services,
+        options.oidc.as_ref(),
+    );
     write_public(&config_path, &text, WriteMode::CreateNew)?;
 
     let config = Config::load(&config_path).map_err(|e| InitError::Check(e.to_string()))?;

@@ -168,6 +168,7 @@ pub fn issue(
             .iter()
             .map(|(name, s)| (name.clone(), BundleService { port: s.local_port }))
             .collect(),
+        login: None,
     };
     audit
         .record_blocking(&Event::CertificateIssue {

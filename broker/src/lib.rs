@@ -12,8 +12,12 @@
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod enroll;
+pub mod id_token;
 pub mod init;
 pub mod issue;
+pub mod oidc;
+pub mod seal;
 pub mod serve;
 
 pub use serve::{Broker, Checked, StartError, check};

@@ -13,7 +13,7 @@ use postern_certs::{
 };
 use postern_policy::{Decision, LoadError, Policies};
 use postern_proto::{
-    ALPN_TUNNEL, Answer, CloseCode, Open, Refusal, RefuseCode, ResetCode, ServiceName,
+    ALPN_ENROLL, ALPN_TUNNEL, Answer, CloseCode, Open, Refusal, RefuseCode, ResetCode, ServiceName,
 };
 use postern_transport::{
     FrameError, RelayEnd, Tuning, close_code, read_frame, relay, reset_code, write_frame,
@@ -28,6 +28,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::audit::{Audit, Connect, Event};
 use crate::config::{Config, ServiceConfig};
+use crate::enroll::Enrollment;
 
 /// A bound broker, ready to [`run`](Broker::run).
 #[derive(Debug)]
@@ -92,14 +93,15 @@ const MAX_HANDSHAKES: usize = 4096;
 const MAX_AUDITED_REASON: usize = 256;
 
 #[derive(Debug)]
-struct Shared {
-    config: Config,
+pub(crate) struct Shared {
+    pub(crate) config: Config,
     verifier: Arc<ClientVerifier>,
-    policies: Policies,
+    pub(crate) policies: Policies,
     services: BTreeMap<ServiceName, Service>,
-    audit: Arc<Audit>,
+    pub(crate) audit: Arc<Audit>,
+    pub(crate) enrollment: Enrollment,
     /// Cancelled to stop accepting connections and streams.
-    shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     /// Cancelled to cut sessions that are still open.
     abort: CancellationToken,
     next_connection: AtomicU64,
@@ -150,6 +152,7 @@ impl Broker {
             verifier,
             policies,
             services,
+            enrollment,
             ..
         } = Loaded::from_config(&config, SystemTime::now())?;
         let audit = Arc::new(
@@ -182,6 +185,7 @@ impl Broker {
             policies,
             services,
             audit,
+            enrollment,
             shutdown: CancellationToken::new(),
             abort: CancellationToken::new(),
             next_connection: AtomicU64::new(1),
@@ -279,6 +283,7 @@ struct Loaded {
     verifier: Arc<ClientVerifier>,
     policies: Policies,
     services: BTreeMap<ServiceName, Service>,
+    enrollment: Enrollment,
     server_not_after: SystemTime,
     client_cas: usize,
 }
@@ -351,7 +356,7 @@ impl Loaded {
             );
             return Err(bad(&pki.client_ca, message));
         }
-        signing_ca(config)?;
+        let enrollment = Enrollment::from_config(config, signing_ca(config)?)?;
         let limits = VerifyLimits {
             max_clock_skew: pki.max_clock_skew,
             max_lifetime: pki.max_cert_lifetime,
@@ -360,8 +365,9 @@ impl Loaded {
             ClientVerifier::new(&client_cas, limits)
                 .map_err(|e| bad(&pki.client_ca, e.to_string()))?,
         );
-        let tls = postern_certs::server_config(chain, key, verifier.clone(), &[ALPN_TUNNEL])
-            .map_err(|e| bad(&pki.server_key, e.to_string()))?;
+        let tls =
+            postern_certs::server_config(chain, key, verifier.clone(), &[ALPN_TUNNEL, ALPN_ENROLL])
+                .map_err(|e| bad(&pki.server_key, e.to_string()))?;
         let quic =
             QuicServerConfig::try_from(tls).map_err(|e| bad(&pki.server_cert, e.to_string()))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -400,6 +406,7 @@ impl Loaded {
             verifier,
             policies,
             services,
+            enrollment,
             server_not_after,
             client_cas: client_cas.len(),
         })
@@ -472,7 +479,11 @@ async fn connection(incoming: Incoming, shared: Arc<Shared>) {
     );
     let client = match role {
         Ok(Role::Tunnel(client)) => *client,
-        Ok(Role::Enroll) | Err(postern_certs::RoleError::NoProtocol) => {
+        Ok(Role::Enroll) => {
+            crate::enroll::serve_connection(connection, source, shared).await;
+            return;
+        }
+        Err(postern_certs::RoleError::NoProtocol) => {
             shared.audit.record_or_log(&Event::ConnectionDeny {
                 source,
                 reason: "no supported protocol negotiated".into(),

@@ -10,7 +10,10 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
-use crate::secret::SecretPem;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+
+use crate::secret::{Sealed, SecretPem};
 use crate::tls::ClientCredential;
 use crate::verify::{CertificateContents, VerifyError, inspect_unverified};
 
@@ -33,7 +36,8 @@ pub struct Bundle {
     pub broker: String,
     /// Name in the broker's server certificate.
     pub server_name: String,
-    /// CA certificates the broker's certificate is checked against.
+    /// CA certificates the broker's certificate is checked against; none means the publicly
+    /// trusted roots.
     pub server_cas: Vec<CertificateDer<'static>>,
     /// The client certificate.
     pub certificate: CertificateDer<'static>,
@@ -41,6 +45,17 @@ pub struct Bundle {
     pub key: Option<SecretPem>,
     /// The broker's services and the local port each is served on by default.
     pub services: BTreeMap<ServiceName, BundleService>,
+    /// What renews the certificate, when it came from `postern login`.
+    pub login: Option<Login>,
+}
+
+/// The state of a login: how to renew it and until when it may be renewed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login {
+    /// The refresh token, sealed by the broker; absent when the IdP gave none.
+    pub sealed: Option<Sealed>,
+    /// When the login ends: no renewal reaches past it.
+    pub session_ends: std::time::SystemTime,
 }
 
 /// A service as the agent sees it.
@@ -63,6 +78,9 @@ pub enum BundleError {
     /// A PEM field is unusable.
     #[error("the bundle's `{0}` is not valid PEM")]
     Pem(&'static str),
+    /// A field has an invalid value.
+    #[error("the bundle's `{0}` is invalid")]
+    Field(&'static str),
     /// A service name is invalid.
     #[error("the bundle names an invalid service `{0}`")]
     Service(String),
@@ -89,6 +107,16 @@ struct RawBundle {
     key: Option<String>,
     #[serde(default)]
     services: BTreeMap<String, BundleService>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    login: Option<RawLogin>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogin {
+    session_ends: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sealed_refresh_token: Option<String>,
 }
 
 impl Bundle {
@@ -107,7 +135,7 @@ impl Bundle {
         let server_cas = CertificateDer::pem_slice_iter(raw.server_ca.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| BundleError::Pem("server_ca"))?;
-        if server_cas.is_empty() {
+        if server_cas.is_empty() && !raw.server_ca.trim().is_empty() {
             return Err(BundleError::Pem("server_ca"));
         }
         let certificate = CertificateDer::from_pem_slice(raw.certificate.as_bytes())
@@ -122,6 +150,27 @@ impl Bundle {
                 ))
             })
             .collect::<Result<_, BundleError>>()?;
+        let login = raw
+            .login
+            .map(|login| {
+                let session_ends = time::OffsetDateTime::parse(
+                    &login.session_ends,
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .ok()
+                .and_then(|t| crate::verify::system_time(t.unix_timestamp()))
+                .ok_or(BundleError::Field("login.session_ends"))?;
+                let sealed = login
+                    .sealed_refresh_token
+                    .map(|text| STANDARD.decode(text).map(Sealed::new))
+                    .transpose()
+                    .map_err(|_| BundleError::Field("login.sealed_refresh_token"))?;
+                Ok::<_, BundleError>(Login {
+                    sealed,
+                    session_ends,
+                })
+            })
+            .transpose()?;
         let bundle = Self {
             broker: raw.broker,
             server_name: raw.server_name,
@@ -129,6 +178,7 @@ impl Bundle {
             certificate,
             key: raw.key.map(SecretPem::new),
             services,
+            login,
         };
         bundle.inspect()?;
         if bundle.key.is_some() {
@@ -152,6 +202,10 @@ impl Bundle {
                 .iter()
                 .map(|(name, s)| (name.to_string(), *s))
                 .collect(),
+            login: self.login.as_ref().map(|login| RawLogin {
+                session_ends: crate::rfc3339(login.session_ends),
+                sealed_refresh_token: login.sealed.as_ref().map(|s| STANDARD.encode(s.expose())),
+            }),
         };
         // Serializing plain strings and maps cannot fail.
         format!("{HEADER}{}", toml::to_string(&raw).unwrap_or_default())

@@ -107,9 +107,47 @@ impl PublicKey {
         }
     }
 
+    /// A P-256 or Ed25519 key from SubjectPublicKeyInfo DER, such as one kept in a sealed token.
+    pub fn from_spki_der(der: &[u8]) -> Result<Self, CsrError> {
+        let key = Self { spki: der.to_vec() };
+        key.algorithm()?;
+        Ok(key)
+    }
+
     /// SubjectPublicKeyInfo DER.
     pub fn spki_der(&self) -> &[u8] {
         &self.spki
+    }
+
+    /// Checks `signature` over `message`: ECDSA-SHA256 (ASN.1) for P-256, Ed25519 otherwise.
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), CsrError> {
+        let (algorithm, key) = self.algorithm()?;
+        UnparsedPublicKey::new(algorithm, key)
+            .verify(message, signature)
+            .map_err(|_| CsrError::BadSignature)
+    }
+
+    fn algorithm(&self) -> Result<(&'static dyn VerificationAlgorithm, &[u8]), CsrError> {
+        use x509_parser::x509::SubjectPublicKeyInfo;
+        let (rest, spki) =
+            SubjectPublicKeyInfo::from_der(&self.spki).map_err(|_| CsrError::Malformed)?;
+        if !rest.is_empty() || spki.subject_public_key.unused_bits != 0 {
+            return Err(CsrError::Malformed);
+        }
+        let alg = &spki.algorithm;
+        let algorithm: &'static dyn VerificationAlgorithm = if alg.algorithm
+            == OID_KEY_TYPE_EC_PUBLIC_KEY
+            && alg.parameters.as_ref().and_then(|p| p.as_oid().ok()) == Some(OID_EC_P256)
+        {
+            &signature::ECDSA_P256_SHA256_ASN1
+        } else if alg.algorithm == OID_SIG_ED25519 && alg.parameters.is_none() {
+            &signature::ED25519
+        } else {
+            return Err(CsrError::UnsupportedKey);
+        };
+        // The key bytes are the tail of the DER, so they can be borrowed from it.
+        let key_len = spki.subject_public_key.data.len();
+        Ok((algorithm, &self.spki[self.spki.len() - key_len..]))
     }
 }
 

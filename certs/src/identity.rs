@@ -238,6 +238,24 @@ impl fmt::Display for RandomId {
     }
 }
 
+impl std::str::FromStr for RandomId {
+    type Err = IdentityError;
+
+    /// Reads the 32 hex digits [`Display`](fmt::Display) writes.
+    fn from_str(text: &str) -> Result<Self, IdentityError> {
+        let bad = || IdentityError::BadUri(text.chars().take(40).collect());
+        if text.len() != 32 {
+            return Err(bad());
+        }
+        let mut bytes = [0u8; 16];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+                .map_err(|_| bad())?;
+        }
+        Ok(Self(bytes))
+    }
+}
+
 impl fmt::Debug for RandomId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)

@@ -18,6 +18,8 @@ mod ca;
 mod csr;
 mod extension;
 mod identity;
+mod pin;
+mod proof;
 mod secret;
 pub mod store;
 mod tls;
@@ -27,7 +29,8 @@ mod verify;
 pub mod testdata;
 
 pub use bundle::{
-    BUNDLE_FORMAT, Bundle, BundleError, BundleService, MAX_BUNDLE_LEN, check_key_matches, pem_block,
+    BUNDLE_FORMAT, Bundle, BundleError, BundleService, Login, MAX_BUNDLE_LEN, check_key_matches,
+    pem_block,
 };
 pub use ca::{CaError, ClientCa, Generated, IssueError, ServerCa};
 pub use csr::{CsrError, KeyRequest, MAX_CSR_LEN, PublicKey};
@@ -39,7 +42,9 @@ pub use identity::{
     AuthContext, DeviceId, Identity, IdentityError, Issuance, LineageId, LoginFlow,
     MAX_ID_PART_LEN, RandomId, UserId,
 };
-pub use secret::SecretPem;
+pub use pin::{Pin, PinError, pinned_cas, pinned_client_config};
+pub use proof::{DeviceKey, ProofError};
+pub use secret::{Sealed, SecretPem};
 pub use tls::{
     ClientCredential, Role, RoleError, TlsError, check_server_chain, client_config,
     connection_role, provider, server_config,

@@ -23,3 +23,26 @@ impl fmt::Debug for SecretPem {
         f.write_str("SecretPem(..)")
     }
 }
+
+/// A refresh token sealed by the broker: opaque to the agent, useless without the device key,
+/// and still not something to print. Its `Debug` shows only its length.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sealed(Vec<u8>);
+
+impl Sealed {
+    /// Wraps sealed bytes.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    /// The bytes.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Sealed({} bytes)", self.0.len())
+    }
+}

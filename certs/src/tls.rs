@@ -89,18 +89,22 @@ pub struct ClientCredential {
 }
 
 /// The agent's TLS configuration: the broker is verified against `server_cas` (a set, so that
-/// the server CA can rotate), the client presents `client` when given, and offers `alpn`.
+/// the server CA can rotate; empty means the publicly trusted roots), the client presents `client` when given, and offers `alpn`.
 pub fn client_config(
     server_cas: &[CertificateDer<'static>],
     client: Option<ClientCredential>,
     alpn: &[u8],
 ) -> Result<ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
-    let (added, _ignored) = roots.add_parsable_certificates(server_cas.iter().cloned());
-    if added == 0 {
-        return Err(TlsError::NoRoots(
-            "none of the server CA certificates could be parsed".into(),
-        ));
+    if server_cas.is_empty() {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    } else {
+        let (added, _ignored) = roots.add_parsable_certificates(server_cas.iter().cloned());
+        if added == 0 {
+            return Err(TlsError::NoRoots(
+                "none of the server CA certificates could be parsed".into(),
+            ));
+        }
     }
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?

@@ -15,7 +15,7 @@ use std::fmt;
 use cedar_policy::{Authorizer, PolicySet, Schema};
 
 pub use load::{Diagnostic, LoadError, Source};
-pub use request::{Authentication, ConnectRequest, Principal, Service};
+pub use request::{Authentication, ConnectRequest, LoginAction, LoginRequest, Principal, Service};
 
 /// The schema every policy is validated against, as Cedar source.
 pub const SCHEMA: &str = include_str!("../schema/postern.cedarschema");
@@ -62,7 +62,19 @@ impl Policies {
 
     /// Decides whether `request.principal` may open a stream to `request.service`.
     pub fn authorize_connect(&self, request: &ConnectRequest<'_>) -> Decision {
-        match request.to_cedar(&self.schema) {
+        self.decide(request.to_cedar(&self.schema))
+    }
+
+    /// Decides whether a login may be certified (`enroll`) or renewed (`renew`).
+    pub fn authorize_login(&self, request: &LoginRequest<'_>) -> Decision {
+        self.decide(request.to_cedar(&self.schema))
+    }
+
+    fn decide(
+        &self,
+        built: Result<(cedar_policy::Request, cedar_policy::Entities), String>,
+    ) -> Decision {
+        match built {
             Ok((request, entities)) => {
                 let response = Authorizer::new().is_authorized(&request, &self.set, &entities);
                 let effect = match response.decision() {

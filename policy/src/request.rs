@@ -72,61 +72,61 @@ pub struct ConnectRequest<'a> {
     pub now: SystemTime,
 }
 
-impl ConnectRequest<'_> {
-    pub(crate) fn to_cedar(&self, schema: &Schema) -> Result<(Request, Entities), String> {
-        let user = uid("User", &self.principal.id)?;
-        let service = uid("Service", &self.service.name)?;
-        let action = uid("Action", "connect")?;
+/// Which login decision is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginAction {
+    /// A person logged in at the IdP and the broker would certify a new device key.
+    Enroll,
+    /// An agent asks for a new certificate for an existing login.
+    Renew,
+}
 
-        let mut user_attrs = HashMap::from([
-            ("issuer".to_owned(), string(&self.principal.issuer)),
-            ("subject".to_owned(), string(&self.principal.subject)),
-        ]);
-        if let Some(email) = &self.principal.email {
-            user_attrs.insert("email".to_owned(), string(email));
+/// A request to certify a key for a login (`enroll`) or to renew one (`renew`).
+#[derive(Debug, Clone)]
+pub struct LoginRequest<'a> {
+    /// Enroll or renew.
+    pub action: LoginAction,
+    /// Who, from the ID token (or the sealed login, for a renewal).
+    pub principal: &'a Principal,
+    /// How they authenticated.
+    pub authentication: &'a Authentication,
+    /// Whether the IdP said the email is verified.
+    pub email_verified: bool,
+    /// The broker-assigned device id.
+    pub device: &'a str,
+    /// The broker's hostname.
+    pub broker: &'a str,
+    /// The address the enrollment connection comes from.
+    pub source: IpAddr,
+    /// The time of the decision.
+    pub now: SystemTime,
+}
+
+impl LoginAction {
+    /// The Cedar action id.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoginAction::Enroll => "enroll",
+            LoginAction::Renew => "renew",
         }
-        if let Some(name) = &self.principal.name {
-            user_attrs.insert("name".to_owned(), string(name));
-        }
-        let groups = self
-            .principal
-            .groups
-            .iter()
-            .map(|g| uid("Group", g))
-            .collect::<Result<HashSet<_>, _>>()?;
-        let service_attrs = HashMap::from([
-            ("name".to_owned(), string(&self.service.name)),
-            ("protocol".to_owned(), string(&self.service.protocol)),
-            ("tags".to_owned(), set(&self.service.tags)),
-        ]);
-        let mut entities = vec![
-            Entity::new(user.clone(), user_attrs, groups.clone()).map_err(|e| e.to_string())?,
-            Entity::new(service.clone(), service_attrs, HashSet::new())
-                .map_err(|e| e.to_string())?,
-        ];
-        entities.extend(
-            groups
-                .into_iter()
-                .map(|g| Entity::new_no_attrs(g, HashSet::new())),
+    }
+}
+
+impl LoginRequest<'_> {
+    pub(crate) fn to_cedar(&self, schema: &Schema) -> Result<(Request, Entities), String> {
+        let broker = uid("Broker", self.broker)?;
+        let action = uid("Action", self.action.as_str())?;
+        let mut entities = principal_entities(self.principal)?;
+        entities.push(
+            Entity::new(
+                broker.clone(),
+                HashMap::from([("name".to_owned(), string(self.broker))]),
+                HashSet::new(),
+            )
+            .map_err(|e| e.to_string())?,
         );
         let entities =
             Entities::from_entities(entities, Some(schema)).map_err(|e| e.to_string())?;
-
-        let auth = self.authentication;
-        let mut authentication = vec![
-            ("issuance".to_owned(), string(auth.issuance)),
-            ("amr".to_owned(), set(&auth.amr)),
-            (
-                "age_seconds".to_owned(),
-                RestrictedExpression::new_long(seconds_between(auth.auth_time, self.now)),
-            ),
-        ];
-        if let Some(flow) = auth.flow {
-            authentication.push(("flow".to_owned(), string(flow)));
-        }
-        if let Some(acr) = &auth.acr {
-            authentication.push(("acr".to_owned(), string(acr)));
-        }
         let context = Context::from_pairs([
             (
                 "source_ip".to_owned(),
@@ -134,7 +134,96 @@ impl ConnectRequest<'_> {
             ),
             (
                 "authentication".to_owned(),
-                RestrictedExpression::new_record(authentication).map_err(|e| e.to_string())?,
+                authentication(self.authentication, self.now)?,
+            ),
+            (
+                "email_verified".to_owned(),
+                RestrictedExpression::new_bool(self.email_verified),
+            ),
+            ("device".to_owned(), string(self.device)),
+        ])
+        .map_err(|e| e.to_string())?;
+        let user = uid("User", &self.principal.id)?;
+        let request =
+            Request::new(user, action, broker, context, Some(schema)).map_err(|e| e.to_string())?;
+        Ok((request, entities))
+    }
+}
+
+/// The `User` entity and its `Group` parents.
+fn principal_entities(principal: &Principal) -> Result<Vec<Entity>, String> {
+    let user = uid("User", &principal.id)?;
+    let mut user_attrs = HashMap::from([
+        ("issuer".to_owned(), string(&principal.issuer)),
+        ("subject".to_owned(), string(&principal.subject)),
+    ]);
+    if let Some(email) = &principal.email {
+        user_attrs.insert("email".to_owned(), string(email));
+    }
+    if let Some(name) = &principal.name {
+        user_attrs.insert("name".to_owned(), string(name));
+    }
+    let groups = principal
+        .groups
+        .iter()
+        .map(|g| uid("Group", g))
+        .collect::<Result<HashSet<_>, _>>()?;
+    let mut entities =
+        vec![Entity::new(user, user_attrs, groups.clone()).map_err(|e| e.to_string())?];
+    entities.extend(
+        groups
+            .into_iter()
+            .map(|g| Entity::new_no_attrs(g, HashSet::new())),
+    );
+    Ok(entities)
+}
+
+/// The `Authentication` record of the context.
+fn authentication(auth: &Authentication, now: SystemTime) -> Result<RestrictedExpression, String> {
+    let mut fields = vec![
+        ("issuance".to_owned(), string(auth.issuance)),
+        ("amr".to_owned(), set(&auth.amr)),
+        (
+            "age_seconds".to_owned(),
+            RestrictedExpression::new_long(seconds_between(auth.auth_time, now)),
+        ),
+    ];
+    if let Some(flow) = auth.flow {
+        fields.push(("flow".to_owned(), string(flow)));
+    }
+    if let Some(acr) = &auth.acr {
+        fields.push(("acr".to_owned(), string(acr)));
+    }
+    RestrictedExpression::new_record(fields).map_err(|e| e.to_string())
+}
+
+impl ConnectRequest<'_> {
+    pub(crate) fn to_cedar(&self, schema: &Schema) -> Result<(Request, Entities), String> {
+        let user = uid("User", &self.principal.id)?;
+        let service = uid("Service", &self.service.name)?;
+        let action = uid("Action", "connect")?;
+
+        let service_attrs = HashMap::from([
+            ("name".to_owned(), string(&self.service.name)),
+            ("protocol".to_owned(), string(&self.service.protocol)),
+            ("tags".to_owned(), set(&self.service.tags)),
+        ]);
+        let mut entities = principal_entities(self.principal)?;
+        entities.push(
+            Entity::new(service.clone(), service_attrs, HashSet::new())
+                .map_err(|e| e.to_string())?,
+        );
+        let entities =
+            Entities::from_entities(entities, Some(schema)).map_err(|e| e.to_string())?;
+
+        let context = Context::from_pairs([
+            (
+                "source_ip".to_owned(),
+                RestrictedExpression::new_ip(canonical_ip(self.source).to_string()),
+            ),
+            (
+                "authentication".to_owned(),
+                authentication(self.authentication, self.now)?,
             ),
             ("device".to_owned(), string(self.device)),
             (

@@ -11,8 +11,8 @@ use crate::service::{MAX_SERVICE_NAME_LEN, ServiceName, ServiceNameError};
 /// Bytes before a frame's body: its type and its length.
 pub const HEADER_LEN: usize = 3;
 
-/// Largest body of any frame, in bytes; each type has its own, smaller limit
-/// ([`Frame::body_limit`]).
+/// Largest body of a tunnel frame, in bytes; each type has its own, smaller limit
+/// ([`Frame::body_limit`]). Enrollment frames have their own limits (`MAX_ENROLL_BODY_LEN`).
 pub const MAX_BODY_LEN: usize = 1024;
 
 /// Longest reason in a `Refused` frame, in bytes of UTF-8.
@@ -128,14 +128,14 @@ pub enum DecodeError {
 }
 
 /// A whole frame at the start of a buffer, not yet interpreted.
-struct RawFrame<'a> {
-    kind: u8,
-    body: &'a [u8],
-    total: usize,
+pub(crate) struct RawFrame<'a> {
+    pub(crate) kind: u8,
+    pub(crate) body: &'a [u8],
+    pub(crate) total: usize,
 }
 
 /// Splits a whole frame of `F` off the start of `buf`, or `None` when more bytes are needed.
-fn split<F: Frame>(buf: &[u8]) -> Result<Option<RawFrame<'_>>, DecodeError> {
+pub(crate) fn split<F: Frame>(buf: &[u8]) -> Result<Option<RawFrame<'_>>, DecodeError> {
     let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
         return Ok(None);
     };
@@ -147,10 +147,10 @@ fn split<F: Frame>(buf: &[u8]) -> Result<Option<RawFrame<'_>>, DecodeError> {
     }))
 }
 
-fn encode_frame(kind: u8, body: &[&[u8]]) -> Vec<u8> {
+pub(crate) fn encode_frame(kind: u8, body: &[&[u8]]) -> Vec<u8> {
     let len: usize = body.iter().map(|part| part.len()).sum();
-    // Constructors keep every body within MAX_BODY_LEN, which fits in a u16.
-    let len16 = u16::try_from(len.min(MAX_BODY_LEN)).unwrap_or(u16::MAX);
+    // Constructors keep every body within its type's limit, which fits in a u16.
+    let len16 = u16::try_from(len).unwrap_or(u16::MAX);
     let mut out = Vec::with_capacity(HEADER_LEN + len);
     out.push(kind);
     out.extend_from_slice(&len16.to_be_bytes());
@@ -226,21 +226,9 @@ impl Refusal {
     /// The reason is cut to [`MAX_REASON_LEN`] bytes at a character boundary and control
     /// characters are replaced, so that any string makes a valid frame.
     pub fn new(code: RefuseCode, reason: &str) -> Self {
-        let mut clean = String::with_capacity(reason.len().min(MAX_REASON_LEN));
-        for c in reason.chars() {
-            let c = if c.is_control() {
-                char::REPLACEMENT_CHARACTER
-            } else {
-                c
-            };
-            if clean.len() + c.len_utf8() > MAX_REASON_LEN {
-                break;
-            }
-            clean.push(c);
-        }
         Self {
             code,
-            reason: clean,
+            reason: printable(reason, MAX_REASON_LEN),
         }
     }
 
@@ -268,6 +256,23 @@ impl Refusal {
             reason: reason.to_owned(),
         })
     }
+}
+
+/// `text` with control characters replaced, cut to `limit` bytes at a character boundary.
+pub(crate) fn printable(text: &str, limit: usize) -> String {
+    let mut clean = String::with_capacity(text.len().min(limit));
+    for c in text.chars() {
+        let c = if c.is_control() {
+            char::REPLACEMENT_CHARACTER
+        } else {
+            c
+        };
+        if clean.len() + c.len_utf8() > limit {
+            break;
+        }
+        clean.push(c);
+    }
+    clean
 }
 
 impl fmt::Display for Refusal {

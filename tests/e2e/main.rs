@@ -11,5 +11,6 @@ mod cli;
 mod deny;
 mod expiry;
 mod local_user;
+mod login;
 mod shutdown;
 mod tunnel;

@@ -63,6 +63,7 @@ impl Gateway {
                 .iter()
                 .map(|(name, addr)| format!("{name}={addr}"))
                 .collect(),
+            oidc: None,
         };
         let config_path = init(&options, SystemTime::now()).unwrap();
         if let Some(policy) = policy {
@@ -84,6 +85,86 @@ impl Gateway {
             addr,
             shutdown,
             task: Some(task),
+        }
+    }
+
+    /// `init`, an `[oidc]` table for `idp` (with `login` settings from `login_settings`, TOML
+    /// lines), then serve.
+    pub async fn start_with_idp(
+        services: &[(&str, SocketAddr)],
+        idp: &crate::Idp,
+        login_settings: &str,
+    ) -> Self {
+        let table = idp.oidc_table();
+        Self::start_with(services, None, |text| {
+            if !login_settings.is_empty() {
+                *text = text.replace("[login]\n", &format!("[login]\n{login_settings}\n"));
+            }
+            text.push_str(&table);
+        })
+        .await
+    }
+
+    /// The pin of the broker's server CA, as `init` prints it.
+    pub fn pin(&self) -> String {
+        let cas = postern_certs::store::read_certificates(&self.config.pki.server_ca).unwrap();
+        postern_certs::Pin::of(&cas[0]).unwrap().to_string()
+    }
+
+    /// Starts `postern login --broker … --pin …` (the binary `postern`) for the agent home
+    /// `home`, as a person would, and waits until it shows the code.
+    pub fn begin_login(&self, postern: &std::path::Path, home: &std::path::Path) -> LoginRun {
+        let mut child = std::process::Command::new(postern)
+            .args(["login", "--no-browser", "--broker"])
+            .arg(format!("localhost:{}", self.addr.port()))
+            .args(["--pin", &self.pin()])
+            .env("POSTERN_HOME", home)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let running = crate::Running(child);
+        let (lines, received) = std::sync::mpsc::channel::<String>();
+        let out_lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in
+                std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok)
+            {
+                let _ = out_lines.send(line);
+            }
+        });
+        let errors = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = errors.clone();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr), &mut text);
+            sink.lock().unwrap().push_str(&text);
+        });
+        let mut output = String::new();
+        let (mut url, mut code) = (None, None);
+        while url.is_none() || code.is_none() {
+            let Ok(line) = received.recv_timeout(Duration::from_secs(30)) else {
+                break;
+            };
+            if let Some(rest) = line.trim().strip_prefix("Open:") {
+                url = Some(rest.trim().to_owned());
+            }
+            if let Some(rest) = line.trim().strip_prefix("Code:") {
+                code = Some(rest.trim().to_owned());
+            }
+            output.push_str(&line);
+            output.push('\n');
+        }
+        LoginRun {
+            url,
+            code,
+            output,
+            lines: received,
+            errors,
+            process: running,
         }
     }
 
@@ -254,5 +335,52 @@ impl AgentHandle {
 impl Drop for AgentHandle {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// A `postern login` in progress.
+#[derive(Debug)]
+pub struct LoginRun {
+    /// The verification URL it showed.
+    pub url: Option<String>,
+    /// The user code it showed.
+    pub code: Option<String>,
+    /// Its standard output so far.
+    pub output: String,
+    lines: std::sync::mpsc::Receiver<String>,
+    errors: std::sync::Arc<std::sync::Mutex<String>>,
+    process: crate::Running,
+}
+
+impl LoginRun {
+    /// Waits for the login to end; returns whether it succeeded, its standard output and its
+    /// standard error.
+    pub fn finish(mut self) -> (bool, String, String) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(status) = self.process.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "postern login did not end"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // The reader threads end with the process.
+        std::thread::sleep(Duration::from_millis(100));
+        while let Ok(line) = self.lines.try_recv() {
+            self.output.push_str(&line);
+            self.output.push('\n');
+        }
+        let errors = self.errors.lock().unwrap().clone();
+        (status.success(), self.output, errors)
+    }
+
+    /// Sends SIGINT, as Ctrl-C does.
+    pub fn interrupt(&self) {
+        let pid =
+            rustix::process::Pid::from_raw(i32::try_from(self.process.0.id()).unwrap()).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
     }
 }

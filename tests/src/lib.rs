@@ -5,6 +5,9 @@
 //! - [`Gateway`]: a broker folder made by `postern-broker init`, and the broker serving it
 //!   in-process on a free UDP port.
 //! - [`AgentHandle`]: the agent serving an identity on free loopback ports.
+//! - [`Idp`]: a real OpenID provider (npm `oidc-provider`, `tests/idp/`) with the device flow,
+//!   refresh tokens, a password and a TOTP step; [`approve`]: a person approving a device login
+//!   in headless Chromium.
 //! - [`imap_fetch`], [`curl`]: real IMAP clients (Python `imaplib`, `curl`).
 //! - [`bin`]: the built `postern` and `postern-broker` binaries, for the demo.
 //!
@@ -17,6 +20,7 @@
 
 mod dovecot;
 mod gateway;
+mod idp;
 mod process;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -24,7 +28,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 pub use dovecot::{Dovecot, Message};
-pub use gateway::{AgentHandle, Gateway};
+pub use gateway::{AgentHandle, Gateway, LoginRun};
+pub use idp::{ALICE, Approval, BOB, CLIENT_ID, Idp, IdpOptions, Person, approve, totp_now};
 pub use process::{Running, run_ok, wait_for_line};
 
 /// The workspace folder.

@@ -45,6 +45,7 @@ fn bundle(
             .unwrap(),
         key: with_key.then(|| request.key_pem.clone()),
         services: [("imap".parse().unwrap(), BundleService { port: 993 })].into(),
+        login: None,
     }
 }
 
@@ -60,12 +61,31 @@ fn status_before_login_says_what_to_do() {
     let out = postern(home.path(), &["status"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("not logged in: run `postern login --bundle FILE`"),
+        stderr(&out).contains("not logged in: run `postern login --broker HOST:PORT --pin …`"),
         "{}",
         stderr(&out)
     );
     let usage = postern(home.path(), &["login"]);
     assert_eq!(usage.status.code(), Some(64));
+    // A pin that is not one is refused before anything is sent.
+    let bad_pin = postern(
+        home.path(),
+        &["login", "--broker", "127.0.0.1:9", "--pin", "sha1/abc"],
+    );
+    assert_eq!(bad_pin.status.code(), Some(64));
+    assert!(
+        stderr(&bad_pin).contains("is not a pin"),
+        "{}",
+        stderr(&bad_pin)
+    );
+    let both = postern(
+        home.path(),
+        &["login", "--broker", "127.0.0.1:9", "--bundle", "x.bundle"],
+    );
+    assert_eq!(both.status.code(), Some(64));
+    // Logging out with nothing stored is not an error.
+    let logout = postern(home.path(), &["logout"]);
+    assert!(logout.status.success());
 }
 
 #[test]

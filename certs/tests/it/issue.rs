@@ -135,8 +135,16 @@ fn bundles_round_trip_and_check_their_key() {
         certificate: cert.clone(),
         key: Some(request.key_pem.clone()),
         services: [("imap".parse().unwrap(), BundleService { port: 993 })].into(),
+        login: Some(postern_certs::Login {
+            sealed: Some(postern_certs::Sealed::new(vec![1, 2, 3, 250])),
+            session_ends: SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000),
+        }),
     };
     let text = bundle.to_toml();
+    assert!(
+        text.contains("session_ends = \"2030-03-17T17:46:40Z\""),
+        "{text}"
+    );
     assert!(text.starts_with("# Postern identity bundle."));
     let read = Bundle::from_toml(&text).unwrap();
     assert_eq!(read, bundle);

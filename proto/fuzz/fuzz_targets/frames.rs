@@ -3,17 +3,25 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use postern_proto::{Answer, Frame, Open};
+use postern_proto::{Answer, Frame, Open, Reply, Request};
 
 fuzz_target!(|data: &[u8]| {
     if let Some(header) = data.first_chunk() {
         let _ = Open::frame_len(header);
         let _ = Answer::frame_len(header);
+        let _ = Request::frame_len(header);
+        let _ = Reply::frame_len(header);
     }
     if let Ok(Some((open, used))) = Open::decode(data) {
         assert_eq!(open.encode(), &data[..used]);
     }
     if let Ok(Some((answer, used))) = Answer::decode(data) {
         assert_eq!(answer.encode(), &data[..used]);
+    }
+    if let Ok(Some((request, used))) = Request::decode(data) {
+        assert_eq!(request.encode(), &data[..used]);
+    }
+    if let Ok(Some((reply, used))) = Reply::decode(data) {
+        assert_eq!(reply.encode(), &data[..used]);
     }
 });

@@ -1,0 +1,134 @@
+//! Renewal: a new key and certificate for the same login, before the certificate ends — or
+//! after it ended during sleep — for as long as the login's maximum age allows.
+
+use std::time::{Duration, SystemTime};
+
+use postern_certs::Bundle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::enroll::{EnrollError, Session};
+use crate::home::Home;
+use crate::tunnel::Tunnel;
+
+/// Longest single wait: the wall clock is checked at least this often, so that a laptop waking
+/// from sleep renews at once instead of when a monotonic timer fires.
+const CLOCK_CHECK: Duration = Duration::from_secs(30);
+
+/// First retry after a failed renewal; doubled up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(15);
+const MAX_RETRY: Duration = Duration::from_secs(600);
+
+/// A certificate is not worth renewing when the login ends less than this after it.
+const WORTHWHILE: Duration = Duration::from_secs(60);
+
+/// Renews `identity` at its broker and stores the result in `home`.
+pub async fn renew(home: &Home, identity: &Bundle) -> Result<Bundle, EnrollError> {
+    let session = Session::connect_for(identity).await?;
+    let result = session.renew(identity).await;
+    session.close().await;
+    let bundle = result?.bundle;
+    home.store_identity(&bundle)
+        .map_err(|e| EnrollError::Local(e.to_string()))?;
+    Ok(bundle)
+}
+
+/// When `identity` should be renewed, or `None` when renewal cannot extend it.
+pub fn renew_at(identity: &Bundle) -> Option<SystemTime> {
+    let login = identity.login.as_ref()?;
+    login.sealed.as_ref()?;
+    let certificate = identity.inspect().ok()?;
+    if login.session_ends < certificate.not_after + WORTHWHILE {
+        return None;
+    }
+    let lifetime = certificate
+        .not_after
+        .duration_since(certificate.not_before)
+        .unwrap_or_default();
+    Some(certificate.not_after - lifetime / 3)
+}
+
+/// Whether `identity`'s certificate has ended but its login may still be renewed.
+pub fn renewable_after_expiry(identity: &Bundle, now: SystemTime) -> bool {
+    let (Some(login), Ok(certificate)) = (identity.login.as_ref(), identity.inspect()) else {
+        return false;
+    };
+    login.sealed.is_some() && certificate.not_after <= now && now + WORTHWHILE < login.session_ends
+}
+
+/// Keeps `identity` renewed while `postern up` runs, handing each new certificate to `tunnel`.
+pub async fn keep_renewed(
+    home: Home,
+    mut identity: Bundle,
+    tunnel: std::sync::Arc<Tunnel>,
+    shutdown: CancellationToken,
+) {
+    let mut retry = FIRST_RETRY;
+    loop {
+        let Some(at) = renew_at(&identity) else {
+            if let Some(login) = &identity.login {
+                info!(
+                    "the certificate lasts until the login ends at {}; then run `postern login`",
+                    postern_certs::rfc3339(login.session_ends)
+                );
+            }
+            return;
+        };
+        if !wait_until(at, &shutdown).await {
+            return;
+        }
+        match renew(&home, &identity).await {
+            Ok(renewed) => {
+                let credential = match renewed.credential() {
+                    Ok(credential) => credential,
+                    Err(err) => {
+                        error!("the renewed identity is unusable: {err}");
+                        return;
+                    }
+                };
+                if let Err(err) = tunnel.renewed(&renewed, credential).await {
+                    error!("cannot use the renewed certificate: {err}");
+                    return;
+                }
+                if let Ok(certificate) = renewed.inspect() {
+                    info!(
+                        "certificate renewed; valid until {}",
+                        postern_certs::rfc3339(certificate.not_after)
+                    );
+                }
+                identity = renewed;
+                retry = FIRST_RETRY;
+            }
+            Err(err) if err.login_required() => {
+                error!("{err}; run `postern login` to log in again");
+                return;
+            }
+            Err(err) => {
+                warn!(
+                    "cannot renew the certificate: {err}; trying again in {}s",
+                    retry.as_secs()
+                );
+                if !wait_until(SystemTime::now() + retry, &shutdown).await {
+                    return;
+                }
+                retry = (retry * 2).min(MAX_RETRY);
+            }
+        }
+    }
+}
+
+/// Waits until the wall clock reaches `at`; `false` when shut down first.
+async fn wait_until(at: SystemTime, shutdown: &CancellationToken) -> bool {
+    loop {
+        let Ok(left) = at.duration_since(SystemTime::now()) else {
+            return true;
+        };
+        if left.is_zero() {
+            return true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(left.min(CLOCK_CHECK)) => {}
+            () = shutdown.cancelled() => return false,
+        }
+    }
+}

@@ -1,0 +1,861 @@
+//! Enrollment (`postern-enroll/1`): the one protocol a client without a certificate may speak.
+//!
+//! On a connection verified only on the broker's side, the agent asks who the broker is
+//! (`Hello`), logs a person in (`Login`: the broker runs the device authorization grant at the
+//! IdP, verifies the ID token, asks Cedar `enroll`, signs the agent's CSR), renews (`Renew`:
+//! the sealed refresh token and a proof of the old key; Cedar `renew`), or logs out. Streams are
+//! served one at a time per connection, requests are size-capped before parsing, and pending
+//! logins are limited per source address and in total. Every attempt is audited.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use postern_certs::{
+    AuthContext, ClientCa, Identity, Issuance, LoginFlow, PublicKey, RandomId, UserId,
+};
+use postern_policy::{Decision, LoginAction, LoginRequest};
+use postern_proto::{
+    DeviceCode, FailCode, Failure, Issued, PROOF_EXPORTER_LABEL, PROOF_EXPORTER_LEN, Reply,
+    Request, ResetCode, Welcome, proof_message,
+};
+use postern_transport::{read_frame, reset_code, write_frame};
+use quinn::{Connection, RecvStream, SendStream};
+use tracing::{debug, info, warn};
+
+use crate::audit::{Event, Login};
+use crate::config::Config;
+use crate::id_token::{Claims, Expected, TokenError};
+use crate::oidc::{Idp, IdpError};
+use crate::seal::{SealKey, Sealed};
+use crate::serve::{Shared, StartError};
+
+/// Time an agent has to send its request on a new enrollment stream.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Streams one enrollment connection may open before the broker closes it.
+const MAX_STREAMS_PER_CONNECTION: usize = 8;
+
+/// Time an enrollment connection may sit without a stream.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A certificate must have at least this much life left to be worth issuing.
+const MIN_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Knowledge factors, and possession or inherence factors, as IdPs write them in `amr`
+/// (RFC 8176 plus common variants). Only used to word a refusal; policy decides.
+const KNOWLEDGE: &[&str] = &["pwd", "password", "pin", "kba"];
+const SECOND_FACTORS: &[&str] = &[
+    "otp", "hwk", "swk", "sms", "tel", "sc", "fpt", "face", "iris", "retina", "vbm", "mfa",
+];
+
+/// What enrollment needs beyond the shared broker state: the IdP, the seal key, the signing
+/// CA, and the count of pending logins.
+#[derive(Debug)]
+pub struct Enrollment {
+    idp: Option<Idp>,
+    seal: Option<SealKey>,
+    ca: ClientCa,
+    pending_total: AtomicUsize,
+    pending_by_source: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// The result of one enrollment operation, before it is audited and answered.
+struct Outcome {
+    operation: &'static str,
+    reply: Result<Reply, Failure>,
+    /// Why it failed, in full, for the audit trail.
+    detail: Option<String>,
+    identity: Option<Identity>,
+    decision: Option<Decision>,
+    certificate: Option<(String, SystemTime)>,
+    session_ends: Option<SystemTime>,
+    revoked: Option<bool>,
+}
+
+/// A pending login, counted for as long as it lives.
+struct PendingSlot<'a> {
+    enrollment: &'a Enrollment,
+    source: IpAddr,
+}
+
+impl Enrollment {
+    /// Loads the IdP settings, the seal key and the signing CA.
+    pub(crate) fn from_config(config: &Config, ca: ClientCa) -> Result<Self, StartError> {
+        let bad = |path: &std::path::Path, message: String| StartError::BadPki {
+            path: path.to_owned(),
+            message,
+        };
+        let (idp, seal) = match &config.oidc {
+            None => (None, None),
+            Some(oidc) => {
+                let idp = Idp::new(oidc).map_err(|message| bad(&config.path, message))?;
+                let path = &config.login.seal_key;
+                if postern_certs::store::readable_by_others(path).unwrap_or(false) {
+                    warn!(path = %path.display(), "the seal key is readable by other users; run `chmod 600` on it");
+                }
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    bad(
+                        path,
+                        format!(
+                            "cannot read the key that seals refresh tokens ({e}); `postern-broker init` writes one, or make one with \
+                             `(printf postern-seal-key-v1:; head -c 32 /dev/urandom | base64) > FILE && chmod 600 FILE`"
+                        ),
+                    )
+                })?;
+                let seal = SealKey::from_file_text(&text).map_err(|e| bad(path, e.to_string()))?;
+                (Some(idp), Some(seal))
+            }
+        };
+        Ok(Self {
+            idp,
+            seal,
+            ca,
+            pending_total: AtomicUsize::new(0),
+            pending_by_source: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The IdP's issuer, when login is set up.
+    pub(crate) fn issuer(&self) -> Option<&str> {
+        self.idp.as_ref().map(Idp::issuer)
+    }
+
+    fn reserve(&self, source: IpAddr, config: &Config) -> Option<PendingSlot<'_>> {
+        let mut by_source = self.pending_by_source.lock().ok()?;
+        let here = by_source.entry(source).or_insert(0);
+        if *here >= config.login.max_pending_per_source
+            || self.pending_total.load(Ordering::Relaxed) >= config.login.max_pending
+        {
+            return None;
+        }
+        *here += 1;
+        self.pending_total.fetch_add(1, Ordering::Relaxed);
+        Some(PendingSlot {
+            enrollment: self,
+            source,
+        })
+    }
+}
+
+impl Drop for PendingSlot<'_> {
+    fn drop(&mut self) {
+        self.enrollment
+            .pending_total
+            .fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut by_source) = self.enrollment.pending_by_source.lock()
+            && let Some(count) = by_source.get_mut(&self.source)
+        {
+            *count -= 1;
+            if *count == 0 {
+                by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Serves an enrollment connection: its streams one after the other.
+pub(crate) async fn serve_connection(
+    connection: Connection,
+    source: SocketAddr,
+    shared: Arc<Shared>,
+) {
+    debug!(client.addr = %source, "enrollment connection");
+    for _ in 0..MAX_STREAMS_PER_CONNECTION {
+        let accepted = tokio::select! {
+            accepted = connection.accept_bi() => accepted,
+            () = tokio::time::sleep(IDLE_TIMEOUT) => break,
+            () = shared.shutdown.cancelled() => break,
+        };
+        let Ok((send, recv)) = accepted else {
+            return;
+        };
+        stream(&connection, source, &shared, send, recv).await;
+    }
+    // Let the agent read the last answer and close; then close anyway.
+    let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
+    connection.close(0u32.into(), b"enrollment done");
+}
+
+async fn stream(
+    connection: &Connection,
+    source: SocketAddr,
+    shared: &Shared,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<Request>(&mut recv))
+        .await
+    {
+        Ok(Ok(request)) => request,
+        Ok(Err(err)) => {
+            debug!(client.addr = %source, error = %err, "malformed enrollment request");
+            let failure = Failure::new(FailCode::BadRequest, &format!("malformed request: {err}"));
+            let _ = write_frame(&mut send, &Reply::Failed(failure)).await;
+            let _ = send.finish();
+            return;
+        }
+        Err(_) => {
+            let _ = send.reset(reset_code(ResetCode::ProtocolViolation));
+            return;
+        }
+    };
+    // Nothing more is read from the agent on this stream.
+    let _ = recv.stop(0u32.into());
+    let enrollment = &shared.enrollment;
+    let outcome = match request {
+        Request::Hello => {
+            let welcome = Welcome {
+                broker: shared.config.hostname.clone(),
+                idp: enrollment.issuer().unwrap_or_default().to_owned(),
+                services: shared
+                    .config
+                    .services
+                    .iter()
+                    .map(|(name, service)| (name.clone(), service.local_port))
+                    .collect(),
+            };
+            let _ = write_frame(&mut send, &Reply::Welcome(welcome)).await;
+            let _ = send.finish();
+            return;
+        }
+        Request::Login { csr } => login(connection, source, shared, &mut send, &csr).await,
+        Request::Renew { csr, sealed, proof } => {
+            renew(connection, source, shared, &csr, &sealed, &proof).await
+        }
+        Request::Logout { sealed, proof } => {
+            logout(connection, source, shared, &sealed, &proof).await
+        }
+    };
+    finish(outcome, source, shared, &mut send).await;
+}
+
+/// Audits an outcome, then answers the agent: a certificate reaches the agent only once its
+/// issuance is on record.
+async fn finish(mut outcome: Outcome, source: SocketAddr, shared: &Shared, send: &mut SendStream) {
+    let (code, reason) = match &outcome.reply {
+        Ok(_) => (None, None),
+        Err(failure) => (
+            Some(failure.code().as_str()),
+            Some(
+                outcome
+                    .detail
+                    .clone()
+                    .unwrap_or_else(|| failure.reason().to_owned()),
+            ),
+        ),
+    };
+    let empty = Vec::new();
+    let event = Event::Login(Login {
+        operation: outcome.operation,
+        allowed: outcome.reply.is_ok(),
+        source,
+        flow: LoginFlow::DeviceCode.as_str(),
+        identity: outcome.identity.as_ref(),
+        code,
+        reason,
+        policies: outcome.decision.as_ref().map_or(&empty, |d| &d.policies),
+        policy_errors: outcome.decision.as_ref().map_or(&empty, |d| &d.errors),
+        certificate: outcome.certificate.clone(),
+        session_ends: outcome.session_ends,
+        revoked: outcome.revoked,
+    });
+    if let Err(err) = shared.audit.record(&event).await {
+        warn!(error = %err, "cannot record the enrollment in the audit trail; refusing it");
+        outcome.reply = Err(Failure::new(
+            FailCode::Internal,
+            "the broker cannot write its audit trail; try again later",
+        ));
+    }
+    let user = outcome
+        .identity
+        .as_ref()
+        .map(|i| i.user.to_string())
+        .unwrap_or_default();
+    let reply = match outcome.reply {
+        Ok(reply) => {
+            info!(client.addr = %source, user.id = %user, operation = outcome.operation, "enrollment allowed");
+            reply
+        }
+        Err(failure) => {
+            info!(client.addr = %source, user.id = %user, operation = outcome.operation, reason = %failure, "enrollment refused");
+            Reply::Failed(failure)
+        }
+    };
+    let _ = write_frame(send, &reply).await;
+    let _ = send.finish();
+}
+
+impl Outcome {
+    fn new(operation: &'static str) -> Self {
+        Self {
+            operation,
+            reply: Err(Failure::new(FailCode::Internal, "not finished")),
+            detail: None,
+            identity: None,
+            decision: None,
+            certificate: None,
+            session_ends: None,
+            revoked: None,
+        }
+    }
+
+    fn fail(mut self, code: FailCode, reason: &str) -> Self {
+        self.reply = Err(Failure::new(code, reason));
+        self
+    }
+
+    fn fail_detailed(mut self, code: FailCode, reason: &str, detail: String) -> Self {
+        self.detail = Some(detail);
+        self.fail(code, reason)
+    }
+}
+
+async fn login(
+    connection: &Connection,
+    source: SocketAddr,
+    shared: &Shared,
+    send: &mut SendStream,
+    csr: &[u8],
+) -> Outcome {
+    let outcome = Outcome::new("enroll");
+    let enrollment = &shared.enrollment;
+    let (Some(idp), Some(seal)) = (&enrollment.idp, &enrollment.seal) else {
+        return outcome.fail(
+            FailCode::NotConfigured,
+            "this broker has no identity provider configured; ask your admin for an identity bundle (`postern login --bundle FILE`)",
+        );
+    };
+    let key = match PublicKey::from_csr_der(csr) {
+        Ok(key) => key,
+        Err(err) => {
+            return outcome.fail(
+                FailCode::BadRequest,
+                &format!("the signing request is unusable: {err}"),
+            );
+        }
+    };
+    let Some(_slot) = enrollment.reserve(source.ip(), &shared.config) else {
+        return outcome.fail(
+            FailCode::Busy,
+            "too many logins are waiting for approval; finish or cancel the others, or try again in a few minutes",
+        );
+    };
+    let device = match idp.start_device().await {
+        Ok(device) => device,
+        Err(err) => return idp_failure(outcome, &err),
+    };
+    let code = DeviceCode {
+        verification_uri: device.verification_uri().to_owned(),
+        verification_uri_complete: device.verification_uri_complete().map(str::to_owned),
+        user_code: device.user_code().to_owned(),
+        expires_in: u32::try_from(device.expires_in().as_secs()).unwrap_or(u32::MAX),
+    };
+    if write_frame(send, &Reply::Device(code)).await.is_err() {
+        return outcome.fail(
+            FailCode::Internal,
+            "the agent left before the code was shown",
+        );
+    }
+
+    let (polled, mut polls) = tokio::sync::mpsc::unbounded_channel();
+    let finish = idp.finish_device(&device, move || {
+        let _ = polled.send(());
+    });
+    tokio::pin!(finish);
+    let tokens = loop {
+        tokio::select! {
+            result = &mut finish => break result,
+            Some(()) = polls.recv() => {
+                if write_frame(send, &Reply::Pending).await.is_err() {
+                    return outcome.fail(FailCode::Internal, "the agent cancelled the login");
+                }
+            }
+            _ = connection.closed() => {
+                return outcome.fail(FailCode::Internal, "the agent cancelled the login");
+            }
+            () = shared.shutdown.cancelled() => {
+                return outcome.fail(FailCode::ShuttingDown, "the broker is restarting; run `postern login` again in a moment");
+            }
+        }
+    };
+    let tokens = match tokens {
+        Ok(tokens) => tokens,
+        Err(err) => return idp_failure(outcome, &err),
+    };
+    let Some(id_token) = tokens.id_token.as_deref() else {
+        return outcome.fail(
+            FailCode::IdpError,
+            "the identity provider returned no ID token; the admin must let the broker's client use the `openid` scope",
+        );
+    };
+    let now = SystemTime::now();
+    let claims = match verify_id_token(idp, id_token, now).await {
+        Ok(claims) => claims,
+        Err(err) => return refused(outcome, err),
+    };
+    if !claims.auth_time_present {
+        debug!("the ID token has no auth_time; using iat");
+    }
+    let (Ok(lineage), Ok(device_id)) = (RandomId::generate(), RandomId::generate()) else {
+        return outcome.fail(FailCode::Internal, "the broker has no randomness");
+    };
+    let session_ends = whole_seconds(claims.auth_time) + shared.config.login.max_session_age;
+    let contents = Sealed {
+        refresh_token: tokens.refresh_token.clone().unwrap_or_default(),
+        issuer: claims.issuer.clone(),
+        subject: claims.subject.clone(),
+        email: claims.email.clone(),
+        email_verified: claims.email_verified,
+        name: claims.name.clone(),
+        groups: claims.groups.clone(),
+        amr: claims.amr.clone(),
+        acr: claims.acr.clone(),
+        auth_time: unix_seconds(claims.auth_time),
+        session_ends: unix_seconds(session_ends),
+        lineage: lineage.to_string(),
+        device: device_id.to_string(),
+        device_key: STANDARD.encode(key.spki_der()),
+    };
+    let sealable = tokens.refresh_token.is_some();
+    certify(
+        outcome,
+        LoginAction::Enroll,
+        source,
+        shared,
+        seal,
+        contents,
+        sealable,
+        &key,
+        now,
+    )
+}
+
+async fn renew(
+    connection: &Connection,
+    source: SocketAddr,
+    shared: &Shared,
+    csr: &[u8],
+    sealed: &[u8],
+    proof: &[u8],
+) -> Outcome {
+    let mut outcome = Outcome::new("renew");
+    let enrollment = &shared.enrollment;
+    let (Some(idp), Some(seal)) = (&enrollment.idp, &enrollment.seal) else {
+        return outcome.fail(
+            FailCode::NotConfigured,
+            "this broker has no identity provider configured; ask your admin for a new identity bundle",
+        );
+    };
+    let mut contents = match open_and_prove(connection, seal, sealed, csr, proof) {
+        Ok(contents) => contents,
+        Err((code, reason)) => return outcome.fail(code, &reason),
+    };
+    outcome.identity = identity_of(&contents).ok();
+    let key = match PublicKey::from_csr_der(csr) {
+        Ok(key) => key,
+        Err(err) => {
+            return outcome.fail(
+                FailCode::BadRequest,
+                &format!("the signing request is unusable: {err}"),
+            );
+        }
+    };
+    let now = SystemTime::now();
+    let session_ends = SystemTime::UNIX_EPOCH + Duration::from_secs(contents.session_ends);
+    if session_ends <= now + MIN_LIFETIME {
+        return outcome.fail(
+            FailCode::LoginRequired,
+            &format!(
+                "your login from {} has reached the maximum session age; run `postern login` to log in again",
+                postern_certs::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(contents.auth_time))
+            ),
+        );
+    }
+    if contents.refresh_token.is_empty() {
+        return outcome.fail(
+            FailCode::LoginRequired,
+            "the identity provider gave no refresh token for this login; run `postern login`",
+        );
+    }
+    let tokens = match idp.refresh(&contents.refresh_token).await {
+        Ok(tokens) => tokens,
+        Err(err) => return idp_failure(outcome, &err),
+    };
+    match tokens.id_token.as_deref() {
+        Some(id_token) => {
+            let claims = match verify_id_token(idp, id_token, now).await {
+                Ok(claims) => claims,
+                Err(err) => return refused(outcome, err),
+            };
+            if claims.subject != contents.subject || claims.issuer != contents.issuer {
+                return outcome.fail_detailed(
+                    FailCode::NotPermitted,
+                    "the identity provider answered for another person; run `postern login`",
+                    format!("refresh returned subject `{}`", claims.subject),
+                );
+            }
+            // Attributes follow the IdP; how and when the person authenticated does not.
+            contents.email = claims.email;
+            contents.email_verified = claims.email_verified;
+            contents.name = claims.name;
+            contents.groups = claims.groups;
+        }
+        None => {
+            if let Err(err) = idp.userinfo(&tokens, &contents.subject).await {
+                return idp_failure(outcome, &err);
+            }
+        }
+    }
+    if let Some(rotated) = tokens.refresh_token.clone() {
+        contents.refresh_token = rotated;
+    }
+    contents.device_key = STANDARD.encode(key.spki_der());
+    certify(
+        outcome,
+        LoginAction::Renew,
+        source,
+        shared,
+        seal,
+        contents,
+        true,
+        &key,
+        now,
+    )
+}
+
+async fn logout(
+    connection: &Connection,
+    source: SocketAddr,
+    shared: &Shared,
+    sealed: &[u8],
+    proof: &[u8],
+) -> Outcome {
+    let _ = source;
+    let mut outcome = Outcome::new("logout");
+    let enrollment = &shared.enrollment;
+    let (Some(idp), Some(seal)) = (&enrollment.idp, &enrollment.seal) else {
+        return outcome.fail(
+            FailCode::NotConfigured,
+            "this broker has no identity provider configured",
+        );
+    };
+    let contents = match open_and_prove(connection, seal, sealed, &[], proof) {
+        Ok(contents) => contents,
+        Err((code, reason)) => return outcome.fail(code, &reason),
+    };
+    outcome.identity = identity_of(&contents).ok();
+    let revoked = if contents.refresh_token.is_empty() {
+        false
+    } else {
+        match idp.revoke(&contents.refresh_token).await {
+            Ok(revoked) => revoked,
+            Err(err) => {
+                warn!(error = %err, "cannot revoke the refresh token at the identity provider");
+                outcome.detail = Some(format!("revocation failed: {err}"));
+                false
+            }
+        }
+    };
+    outcome.revoked = Some(revoked);
+    outcome.reply = Ok(Reply::LoggedOut { revoked });
+    outcome
+}
+
+/// Opens a sealed token and checks the agent's proof that it holds the key it was sealed for,
+/// signed over this connection's exported keying material.
+fn open_and_prove(
+    connection: &Connection,
+    seal: &SealKey,
+    sealed: &[u8],
+    csr: &[u8],
+    proof: &[u8],
+) -> Result<Sealed, (FailCode, String)> {
+    let contents = seal.open(sealed).map_err(|err| {
+        (
+            FailCode::LoginRequired,
+            format!("the saved login cannot be used with this broker ({err}); run `postern login`"),
+        )
+    })?;
+    let key = STANDARD
+        .decode(&contents.device_key)
+        .ok()
+        .and_then(|der| PublicKey::from_spki_der(&der).ok())
+        .ok_or((
+            FailCode::Internal,
+            "the saved login names no usable key".to_owned(),
+        ))?;
+    let mut exported = [0u8; PROOF_EXPORTER_LEN];
+    connection
+        .export_keying_material(&mut exported, PROOF_EXPORTER_LABEL, b"")
+        .map_err(|_| {
+            (
+                FailCode::Internal,
+                "cannot export keying material".to_owned(),
+            )
+        })?;
+    key.verify(&proof_message(&exported, csr, sealed), proof)
+        .map_err(|_| {
+            (
+                FailCode::NotPermitted,
+                "the request is not signed by the key of the login it renews; run `postern login`"
+                    .to_owned(),
+            )
+        })?;
+    Ok(contents)
+}
+
+/// Asks Cedar, signs the key, seals the refresh token: the end of a login or a renewal.
+#[expect(clippy::too_many_arguments, reason = "the steps share every argument")]
+fn certify(
+    mut outcome: Outcome,
+    action: LoginAction,
+    source: SocketAddr,
+    shared: &Shared,
+    seal: &SealKey,
+    contents: Sealed,
+    sealable: bool,
+    key: &PublicKey,
+    now: SystemTime,
+) -> Outcome {
+    let identity = match identity_of(&contents) {
+        Ok(identity) => identity,
+        Err(err) => {
+            return outcome.fail_detailed(
+                FailCode::IdpError,
+                "the identity provider's token cannot be carried in a certificate",
+                err,
+            );
+        }
+    };
+    outcome.identity = Some(identity.clone());
+    let session_ends = SystemTime::UNIX_EPOCH + Duration::from_secs(contents.session_ends);
+    outcome.session_ends = Some(session_ends);
+    let principal = crate::serve::principal(&identity);
+    let authentication = crate::serve::authentication(&identity);
+    let device = identity.auth.device.to_string();
+    let decision = shared.policies.authorize_login(&LoginRequest {
+        action,
+        principal: &principal,
+        authentication: &authentication,
+        email_verified: contents.email_verified,
+        device: &device,
+        broker: &shared.config.hostname,
+        source: source.ip(),
+        now,
+    });
+    let allowed = decision.is_allowed();
+    outcome.decision = Some(decision);
+    if !allowed {
+        let reason = refusal_reason(&identity.auth.amr);
+        return outcome.fail(FailCode::NotPermitted, &reason);
+    }
+    let not_after = (now + shared.config.login.certificate_ttl).min(session_ends);
+    let Some(lifetime) = not_after
+        .duration_since(now)
+        .ok()
+        .filter(|l| *l >= MIN_LIFETIME)
+    else {
+        return outcome.fail(
+            FailCode::LoginRequired,
+            &format!(
+                "the identity provider reused a login from {}, older than this broker's maximum session age; \
+                 sign out at the identity provider, then run `postern login` again",
+                postern_certs::rfc3339(identity.auth.auth_time)
+            ),
+        );
+    };
+    let issued = enrollment_issue(&shared.enrollment.ca, &identity, key, now, lifetime);
+    let certificate = match issued {
+        Ok(certificate) => certificate,
+        Err(err) => {
+            return outcome.fail_detailed(
+                FailCode::Internal,
+                "the broker could not sign the certificate",
+                err,
+            );
+        }
+    };
+    let contents_sealed = if sealable {
+        match seal.seal(&contents) {
+            Ok(sealed) => Some(sealed),
+            Err(err) => {
+                return outcome.fail_detailed(
+                    FailCode::Internal,
+                    "the broker could not seal the login",
+                    err.to_string(),
+                );
+            }
+        }
+    } else {
+        None
+    };
+    if let Ok(inspected) = postern_certs::inspect_unverified(&certificate) {
+        outcome.certificate = Some((inspected.serial, inspected.not_after));
+    }
+    outcome.reply = Ok(Reply::Issued(Issued {
+        chain: vec![certificate.to_vec()],
+        sealed: contents_sealed,
+        session_ends: contents.session_ends,
+    }));
+    outcome
+}
+
+/// Signs the certificate; when the groups make the identity too large for the certificate, signs
+/// it without them (the security team's entity data is the live source of groups anyway).
+fn enrollment_issue(
+    ca: &ClientCa,
+    identity: &Identity,
+    key: &PublicKey,
+    now: SystemTime,
+    lifetime: Duration,
+) -> Result<rustls_pki_types::CertificateDer<'static>, String> {
+    match ca.issue(identity, key, now, lifetime) {
+        Ok(certificate) => Ok(certificate),
+        Err(first) if !identity.groups.is_empty() => {
+            warn!(error = %first, "the identity does not fit in a certificate with its groups; issuing it without them");
+            let mut without = identity.clone();
+            without.groups.clear();
+            ca.issue(&without, key, now, lifetime)
+                .map_err(|e| e.to_string())
+        }
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+/// The identity a sealed login stands for.
+fn identity_of(contents: &Sealed) -> Result<Identity, String> {
+    let user = UserId::new(&contents.issuer, &contents.subject).map_err(|e| e.to_string())?;
+    let id = |text: &str| text.parse::<RandomId>().map_err(|e| e.to_string());
+    Ok(Identity {
+        user,
+        email: contents.email.clone().filter(|_| contents.email_verified),
+        name: contents.name.clone(),
+        groups: contents.groups.clone(),
+        auth: AuthContext {
+            issuance: Issuance::Login(LoginFlow::DeviceCode),
+            amr: contents.amr.clone(),
+            acr: contents.acr.clone(),
+            auth_time: SystemTime::UNIX_EPOCH + Duration::from_secs(contents.auth_time),
+            lineage: id(&contents.lineage)?,
+            device: id(&contents.device)?,
+        },
+    })
+}
+
+/// Verifies an ID token for this broker.
+async fn verify_id_token(idp: &Idp, token: &str, now: SystemTime) -> Result<Claims, Refused> {
+    let discovered = idp.discovered().await.map_err(Refused::Idp)?;
+    let expected = Expected {
+        issuer: idp.issuer(),
+        client_id: idp.client_id(),
+    };
+    discovered
+        .keys
+        .verify(token, &expected, now)
+        .await
+        .map_err(Refused::Token)
+}
+
+/// Why an ID token was not accepted.
+enum Refused {
+    Idp(IdpError),
+    Token(TokenError),
+}
+
+fn refused(outcome: Outcome, refused: Refused) -> Outcome {
+    match refused {
+        Refused::Idp(err) => idp_failure(outcome, &err),
+        Refused::Token(err) => {
+            warn!(error = %err, "ID token refused");
+            outcome.fail_detailed(
+                FailCode::IdpError,
+                "the identity provider's answer did not pass the broker's checks; ask your admin to look at the broker's audit trail",
+                format!("ID token refused: {err}"),
+            )
+        }
+    }
+}
+
+/// Turns an IdP error into a sentence a person can act on.
+fn idp_failure(outcome: Outcome, err: &IdpError) -> Outcome {
+    let detail = err.to_string();
+    match err {
+        IdpError::AccessDenied => outcome.fail_detailed(
+            FailCode::AccessDenied,
+            "the login was refused at the identity provider (\"deny\" or \"abort\" was chosen); run `postern login` to try again",
+            detail,
+        ),
+        IdpError::Expired => outcome.fail_detailed(
+            FailCode::Expired,
+            "the code was not approved in time; run `postern login` again and approve the new code",
+            detail,
+        ),
+        IdpError::Unavailable(..) => outcome.fail_detailed(
+            FailCode::IdpUnavailable,
+            "the broker cannot reach the identity provider right now; try again in a few minutes, and tell your admin if it persists",
+            detail,
+        ),
+        IdpError::InvalidGrant(_) => outcome.fail_detailed(
+            FailCode::LoginRequired,
+            "the identity provider no longer accepts this login (it ended or was revoked there); run `postern login`",
+            detail,
+        ),
+        IdpError::Client(_) | IdpError::Discovery(_) => outcome.fail_detailed(
+            FailCode::IdpError,
+            "the identity provider refused the broker's request; this is a setup problem for your admin (see the broker's audit trail)",
+            detail,
+        ),
+        IdpError::Other(_) => outcome.fail_detailed(
+            FailCode::IdpError,
+            "the identity provider answered with an error; try again, and tell your admin if it persists",
+            detail,
+        ),
+    }
+}
+
+/// The sentence for a login policy refused: about the second factor when `amr` shows none.
+fn refusal_reason(amr: &[String]) -> String {
+    let has = |list: &[&str]| amr.iter().any(|m| list.contains(&m.as_str()));
+    if !has(SECOND_FACTORS) || (!amr.iter().any(|m| m == "mfa") && !has(KNOWLEDGE) && amr.len() < 2)
+    {
+        let shown = if amr.is_empty() {
+            "no method".to_owned()
+        } else {
+            amr.join(", ")
+        };
+        format!(
+            "a second factor is required: the identity provider reported only {shown}; log in again and complete the \
+             second step (one-time code, security key, …), or ask your admin to enrol a second factor for you"
+        )
+    } else {
+        "this broker's policy does not allow this login; ask your admin (the broker's audit trail names the policy)".to_owned()
+    }
+}
+
+fn whole_seconds(time: SystemTime) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(unix_seconds(time))
+}
+
+fn unix_seconds(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_name_the_missing_second_factor() {
+        let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert!(refusal_reason(&strings(&["pwd"])).starts_with("a second factor is required"));
+        assert!(refusal_reason(&[]).contains("no method"));
+        assert!(refusal_reason(&strings(&["pwd", "otp"])).starts_with("this broker's policy"));
+        assert!(refusal_reason(&strings(&["mfa"])).starts_with("this broker's policy"));
+    }
+}
