@@ -20,7 +20,7 @@ const FIRST_RETRY: Duration = Duration::from_secs(15);
 const MAX_RETRY: Duration = Duration::from_secs(600);
 
 /// A certificate is not worth renewing when the login ends less than this after it.
-const WORTHWHILE: Duration = Duration::from_secs(60);
+const WORTHWHILE: Duration = Duration::from_secs(10);
 
 /// Renews `identity` at its broker and stores the result in `home`.
 pub async fn renew(home: &Home, identity: &Bundle) -> Result<Bundle, EnrollError> {

@@ -62,6 +62,9 @@ enum Command {
         /// offline_access.
         #[arg(long = "scope", requires = "issuer")]
         scopes: Vec<String>,
+        /// CA certificate(s) for the IdP's HTTPS, when it is not publicly trusted.
+        #[arg(long, value_name = "FILE", requires = "issuer")]
+        idp_ca: Option<PathBuf>,
     },
     /// Check the configuration, certificates and policies as `serve` would, without serving.
     Check {
@@ -141,15 +144,19 @@ fn run(command: Command) -> Result<(), Failure> {
             client_id,
             client_secret_file,
             scopes,
+            idp_ca,
         } => {
-            let client_secret_file = client_secret_file
-                .map(|file| {
+            let absolute = |file: Option<PathBuf>| {
+                file.map(|file| {
                     std::path::absolute(&file)
                         .map(|path| path.display().to_string())
                         .with_context(|| format!("cannot resolve `{}`", file.display()))
                 })
                 .transpose()
-                .map_err(config_failure)?;
+                .map_err(config_failure)
+            };
+            let client_secret_file = absolute(client_secret_file)?;
+            let ca_file = absolute(idp_ca)?;
             let oidc = issuer
                 .zip(client_id)
                 .map(|(issuer, client_id)| config::OidcTemplate {
@@ -157,6 +164,7 @@ fn run(command: Command) -> Result<(), Failure> {
                     client_id,
                     client_secret_file,
                     scopes,
+                    ca_file,
                 });
             let options = InitOptions {
                 dir,

@@ -653,6 +653,8 @@ pub struct OidcTemplate {
     pub client_secret_file: Option<String>,
     /// Scopes; the default when empty.
     pub scopes: Vec<String>,
+    /// CA file for the IdP's HTTPS, when it is not publicly trusted.
+    pub ca_file: Option<String>,
 }
 
 /// The commented `broker.toml` that `postern-broker init` writes.
@@ -768,10 +770,14 @@ client_ca_key = "pki/client-ca.key"
                 &oidc.scopes
             };
             text.push_str(&format!(
-                "# Scopes requested. Default: [{}].\nscopes = [{}]\n# CA certificates for the IdP's HTTPS. Default: the publicly trusted roots.\n# ca_file = \"pki/idp-ca.pem\"\n",
+                "# Scopes requested. Default: [{}].\nscopes = [{}]\n# CA certificates for the IdP's HTTPS; only these are trusted when set. Default: the publicly\n# trusted roots.\n",
                 quoted(&default_scopes),
                 quoted(scopes)
             ));
+            match &oidc.ca_file {
+                Some(file) => text.push_str(&format!("ca_file = {file:?}\n")),
+                None => text.push_str("# ca_file = \"pki/idp-ca.pem\"\n"),
+            }
         }
         None => {
             text.push_str(oidc_header);

@@ -44,14 +44,13 @@ const MAX_STREAMS_PER_CONNECTION: usize = 8;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A certificate must have at least this much life left to be worth issuing.
-const MIN_LIFETIME: Duration = Duration::from_secs(60);
+const MIN_LIFETIME: Duration = Duration::from_secs(10);
 
-/// Knowledge factors, and possession or inherence factors, as IdPs write them in `amr`
-/// (RFC 8176 plus common variants). Only used to word a refusal; policy decides.
+/// Knowledge, possession and inherence factors as IdPs write them in `amr` (RFC 8176 plus
+/// common variants). Only used to word a refusal; policy decides.
 const KNOWLEDGE: &[&str] = &["pwd", "password", "pin", "kba"];
-const SECOND_FACTORS: &[&str] = &[
-    "otp", "hwk", "swk", "sms", "tel", "sc", "fpt", "face", "iris", "retina", "vbm", "mfa",
-];
+const POSSESSION: &[&str] = &["otp", "hwk", "swk", "sms", "tel", "sc"];
+const INHERENCE: &[&str] = &["fpt", "face", "iris", "retina", "vbm"];
 
 /// What enrollment needs beyond the shared broker state: the IdP, the seal key, the signing
 /// CA, and the count of pending logins.
@@ -818,11 +817,14 @@ fn idp_failure(outcome: Outcome, err: &IdpError) -> Outcome {
     }
 }
 
-/// The sentence for a login policy refused: about the second factor when `amr` shows none.
+/// The sentence for a login policy refused: about the second factor when `amr` shows only one
+/// kind of factor.
 fn refusal_reason(amr: &[String]) -> String {
-    let has = |list: &[&str]| amr.iter().any(|m| list.contains(&m.as_str()));
-    if !has(SECOND_FACTORS) || (!amr.iter().any(|m| m == "mfa") && !has(KNOWLEDGE) && amr.len() < 2)
-    {
+    let kinds = [KNOWLEDGE, POSSESSION, INHERENCE]
+        .iter()
+        .filter(|kind| amr.iter().any(|m| kind.contains(&m.as_str())))
+        .count();
+    if kinds < 2 && !amr.iter().any(|m| m == "mfa") {
         let shown = if amr.is_empty() {
             "no method".to_owned()
         } else {
@@ -857,5 +859,6 @@ mod tests {
         assert!(refusal_reason(&[]).contains("no method"));
         assert!(refusal_reason(&strings(&["pwd", "otp"])).starts_with("this broker's policy"));
         assert!(refusal_reason(&strings(&["mfa"])).starts_with("this broker's policy"));
+        assert!(refusal_reason(&strings(&["hwk", "user"])).starts_with("a second factor"));
     }
 }

@@ -12,5 +12,6 @@ mod deny;
 mod expiry;
 mod local_user;
 mod login;
+mod renewal;
 mod shutdown;
 mod tunnel;

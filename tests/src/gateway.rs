@@ -256,7 +256,7 @@ impl Gateway {
     /// Waits until an audit event satisfying `check` is written (events can trail the answer
     /// an agent sees by a moment).
     pub async fn wait_for_audit(&self, action: &str, check: impl Fn(&Value) -> bool) -> Value {
-        for _ in 0..200 {
+        for _ in 0..600 {
             if let Some(event) = self.audit_events(action).into_iter().find(|e| check(e)) {
                 return event;
             }
@@ -264,6 +264,21 @@ impl Gateway {
         }
         panic!(
             "no `{action}` audit event as expected; the trail:\n{:#?}",
+            self.audit()
+        );
+    }
+
+    /// Waits up to `limit` for a first audit event `action`.
+    pub async fn wait_for_audit_within(&self, action: &str, limit: Duration) -> Value {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Some(event) = self.audit_events(action).into_iter().next() {
+                return event;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "no `{action}` audit event within {limit:?}; the trail:\n{:#?}",
             self.audit()
         );
     }
@@ -296,14 +311,28 @@ impl Drop for Gateway {
 impl AgentHandle {
     /// Serves every service of `identity` on 127.0.0.1 with a free port.
     pub async fn start(identity: &Bundle) -> Self {
+        Self::start_in(identity, None).await
+    }
+
+    /// Like [`start`](Self::start), renewing the identity stored in `home` as `postern up` does.
+    pub async fn start_renewing(home: &std::path::Path) -> Self {
+        let home = postern_agent::Home::at(home.to_owned());
+        let identity = home.identity().unwrap();
+        Self::start_in(&identity, Some(home)).await
+    }
+
+    async fn start_in(identity: &Bundle, home: Option<postern_agent::Home>) -> Self {
         let overrides: Vec<_> = identity
             .services
             .keys()
             .map(|name| (name.clone(), SocketAddr::from(([127, 0, 0, 1], 0))))
             .collect();
-        let agent = postern_agent::Agent::start(identity, &overrides, SystemTime::now())
+        let mut agent = postern_agent::Agent::start(identity, &overrides, SystemTime::now())
             .await
             .unwrap();
+        if let Some(home) = home {
+            agent = agent.with_renewal(home, identity.clone());
+        }
         let addresses = agent.addresses();
         let shutdown = agent.shutdown_token();
         let task = tokio::spawn(agent.run());

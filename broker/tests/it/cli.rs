@@ -86,7 +86,11 @@ fn init_writes_a_working_setup_and_never_overwrites() {
         stdout.contains("postern-broker serve --config") && stdout.contains("postern-broker issue"),
         "{stdout}"
     );
-    for key in ["client-ca.key", "server-ca.key", "server.key"] {
+    assert!(
+        stdout.contains("No identity provider is configured"),
+        "{stdout}"
+    );
+    for key in ["client-ca.key", "server-ca.key", "server.key", "seal.key"] {
         let mode = std::fs::metadata(dir.path().join("b/pki").join(key))
             .unwrap()
             .permissions()
@@ -115,6 +119,105 @@ fn init_writes_a_working_setup_and_never_overwrites() {
         std::fs::read(dir.path().join("b/pki/client-ca.key")).unwrap(),
         before,
         "nothing was lost"
+    );
+}
+
+#[test]
+fn init_with_an_identity_provider_prints_the_login_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let out = broker(&[
+        "init",
+        "--dir",
+        dir.path().join("b").to_str().unwrap(),
+        "--hostname",
+        "gw.example.org",
+        "--service",
+        "imap=mail.internal:993",
+        "--issuer",
+        "https://idp.example.org/realms/acme",
+        "--client-id",
+        "postern",
+        "--client-secret-file",
+        secret.to_str().unwrap(),
+        "--scope",
+        "openid",
+        "--scope",
+        "email",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| {
+            l.trim_start()
+                .starts_with("postern login --broker gw.example.org:4433 --pin sha256/")
+        })
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let pin: postern_certs::Pin = line.split_whitespace().last().unwrap().parse().unwrap();
+    let server_ca =
+        postern_certs::store::read_certificates(&dir.path().join("b/pki/server-ca.pem")).unwrap();
+    assert_eq!(pin, postern_certs::Pin::of(&server_ca[0]).unwrap());
+    // The chain agents receive ends with the pinned CA, so a pin alone verifies it.
+    let chain =
+        postern_certs::store::read_certificates(&dir.path().join("b/pki/server.pem")).unwrap();
+    assert_eq!(chain.len(), 2);
+    assert_eq!(chain[1], server_ca[0]);
+
+    let config = std::fs::read_to_string(dir.path().join("b/broker.toml")).unwrap();
+    assert!(
+        config.contains("issuer = \"https://idp.example.org/realms/acme\""),
+        "{config}"
+    );
+    assert!(
+        config.contains("scopes = [\"openid\", \"email\"]"),
+        "{config}"
+    );
+    let check = broker(&[
+        "check",
+        "--config",
+        dir.path().join("b/broker.toml").to_str().unwrap(),
+    ]);
+    assert!(check.status.success(), "{}", stderr(&check));
+
+    // The scopes must ask for an ID token; an issuer in plain http is refused off loopback.
+    let config_path = dir.path().join("b/broker.toml");
+    edit(
+        &config_path,
+        "scopes = [\"openid\", \"email\"]",
+        "scopes = [\"email\"]",
+    );
+    refused(
+        &["check", "--config", config_path.to_str().unwrap()],
+        "`oidc.scopes` must include \"openid\"",
+    );
+    edit(
+        &config_path,
+        "scopes = [\"email\"]",
+        "scopes = [\"openid\"]",
+    );
+    edit(
+        &config_path,
+        "https://idp.example.org",
+        "http://idp.example.org",
+    );
+    refused(
+        &["check", "--config", config_path.to_str().unwrap()],
+        "uses plain http",
+    );
+    edit(
+        &config_path,
+        "http://idp.example.org",
+        "http://127.0.0.1:8080",
+    );
+    let check = broker(&["check", "--config", config_path.to_str().unwrap()]);
+    assert!(check.status.success(), "{}", stderr(&check));
+    // Without the seal key, login cannot work: the broker says how to make one.
+    std::fs::remove_file(dir.path().join("b/pki/seal.key")).unwrap();
+    refused(
+        &["check", "--config", config_path.to_str().unwrap()],
+        "postern-seal-key-v1",
     );
 }
 

@@ -1,0 +1,282 @@
+//! A login renews without the person, keeping how and when they authenticated, until the
+//! maximum session age; a renewal needs the key of the login it renews; logout revokes the
+//! login at the IdP.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use postern_agent::Home;
+use postern_agent::enroll::Session;
+use postern_certs::{Bundle, KeyRequest, Sealed};
+use postern_tests::{ALICE, AgentHandle, Approval, Gateway, Idp, IdpOptions, approve};
+
+fn postern() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_postern-under-test"))
+}
+
+/// Logs Alice in through `gateway` into `home`.
+async fn log_in(gateway: &Gateway, home: &Path) -> Bundle {
+    let login = gateway.begin_login(postern(), home);
+    let (url, code) = (login.url.clone().unwrap(), login.code.clone().unwrap());
+    assert_eq!(
+        approve(&url, &code, &ALICE, false).await,
+        Approval::Approved
+    );
+    let (ok, output, errors) = login.finish();
+    assert!(ok, "{output}\n{errors}");
+    Home::at(home.to_owned()).identity().unwrap()
+}
+
+fn run(home: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(postern())
+        .args(args)
+        .env("POSTERN_HOME", home)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_keeps_the_login_and_stops_at_the_maximum_session_age() {
+    let idp = Idp::start(&IdpOptions::default());
+    let echo = postern_tests::echo_server().await;
+    let gateway = Gateway::start_with_idp(
+        &[("echo", echo)],
+        &idp,
+        "certificate_ttl = \"12s\"\nmax_session_age = \"30s\"",
+    )
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let first = log_in(&gateway, home.path()).await;
+    let first_cert = first.inspect().unwrap();
+    let session_ends = first.login.as_ref().unwrap().session_ends;
+    assert_eq!(
+        session_ends,
+        first_cert.identity.auth.auth_time + Duration::from_secs(30)
+    );
+
+    let renewed = run(home.path(), &["renew"]);
+    assert!(
+        renewed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&renewed.stderr)
+    );
+    let second = Home::at(home.path().to_owned()).identity().unwrap();
+    let second_cert = second.inspect().unwrap();
+    assert_ne!(second_cert.serial, first_cert.serial);
+    assert_ne!(second.key, first.key, "a new key for every certificate");
+    assert_ne!(
+        second.login.as_ref().unwrap().sealed,
+        first.login.as_ref().unwrap().sealed,
+        "the IdP rotated the refresh token"
+    );
+    let (a, b) = (&first_cert.identity.auth, &second_cert.identity.auth);
+    assert_eq!(
+        (a.auth_time, &a.amr, a.lineage, a.device),
+        (b.auth_time, &b.amr, b.lineage, b.device)
+    );
+    assert!(second_cert.not_after <= session_ends);
+    let audited = gateway.wait_for_audit("renew.allow", |_| true).await;
+    assert_eq!(audited["postern"]["lineage"], a.lineage.to_string());
+
+    // The status says until when the login lasts.
+    let status = run(home.path(), &["status"]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("Login:        ends"),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+
+    // Close to the end of the session, renewal stops and asks for a login.
+    let wait = session_ends
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+        .saturating_sub(Duration::from_secs(5));
+    tokio::time::sleep(wait).await;
+    let refused = run(home.path(), &["renew"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("maximum session age"), "{stderr}");
+    assert!(stderr.contains("run `postern login`"), "{stderr}");
+    gateway
+        .wait_for_audit("renew.deny", |e| e["postern"]["code"] == "login_required")
+        .await;
+    gateway.stop().await;
+    idp.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_agent_renews_and_uses_the_new_certificate() {
+    let idp = Idp::start(&IdpOptions::default());
+    let echo = postern_tests::echo_server().await;
+    let gateway =
+        Gateway::start_with_idp(&[("echo", echo)], &idp, "certificate_ttl = \"15s\"").await;
+    let home = tempfile::tempdir().unwrap();
+    let first = log_in(&gateway, home.path()).await;
+    let agent = AgentHandle::start_renewing(home.path()).await;
+
+    // Renewal is due a third of the lifetime before the end; the agent stores what it gets.
+    gateway
+        .wait_for_audit_within("renew.allow", Duration::from_secs(20))
+        .await;
+    let first_serial = first.inspect().unwrap().serial;
+    let mut serial = first_serial.clone();
+    for _ in 0..100 {
+        let stored = Home::at(home.path().to_owned()).identity().unwrap();
+        serial = stored.inspect().unwrap().serial;
+        if serial != first_serial {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_ne!(serial, first_serial);
+    gateway
+        .wait_for_audit("renew.allow", |e| e["x509"]["serial_number"] == serial)
+        .await;
+
+    // A new connection goes over a connection made with the renewed certificate.
+    let mut stream = tokio::net::TcpStream::connect(agent.addr("echo"))
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, b"ping")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4];
+    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut buf)
+        .await
+        .unwrap();
+    assert_eq!(&buf, b"ping");
+    let renewed: Vec<_> = gateway
+        .audit_events("renew.allow")
+        .into_iter()
+        .map(|e| e["x509"]["serial_number"].clone())
+        .collect();
+    let opened = gateway
+        .wait_for_audit("connection.open", |e| {
+            renewed.contains(&e["tls"]["client"]["x509"]["serial_number"])
+        })
+        .await;
+    assert_ne!(
+        opened["tls"]["client"]["x509"]["serial_number"],
+        first_serial
+    );
+    agent.stop().await;
+    gateway.stop().await;
+    idp.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_token_without_its_key_renews_nothing() {
+    let idp = Idp::start(&IdpOptions::default());
+    let echo = postern_tests::echo_server().await;
+    let gateway = Gateway::start_with_idp(&[("echo", echo)], &idp, "").await;
+    let home = tempfile::tempdir().unwrap();
+    let identity = log_in(&gateway, home.path()).await;
+
+    // Another device holds a copy of the sealed token, but its own key.
+    let stolen = Bundle {
+        key: Some(KeyRequest::generate().unwrap().key_pem),
+        ..identity.clone()
+    };
+    let session = Session::connect_for(&stolen).await.unwrap();
+    let err = session.renew(&stolen).await.unwrap_err();
+    session.close().await;
+    assert!(err.to_string().contains("not signed by the key"), "{err}");
+    gateway
+        .wait_for_audit("renew.deny", |e| e["postern"]["code"] == "not_permitted")
+        .await;
+
+    // A sealed token changed by one bit does not open.
+    let mut sealed = identity
+        .login
+        .as_ref()
+        .unwrap()
+        .sealed
+        .clone()
+        .unwrap()
+        .expose()
+        .to_vec();
+    let last = sealed.len() - 1;
+    sealed[last] ^= 1;
+    let mut tampered = identity.clone();
+    tampered.login.as_mut().unwrap().sealed = Some(Sealed::new(sealed));
+    let session = Session::connect_for(&tampered).await.unwrap();
+    let err = session.renew(&tampered).await.unwrap_err();
+    session.close().await;
+    assert!(err.login_required(), "{err}");
+
+    // The rightful holder still renews.
+    let session = Session::connect_for(&identity).await.unwrap();
+    assert!(session.renew(&identity).await.is_ok());
+    session.close().await;
+    gateway.stop().await;
+    idp.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_revokes_the_login_at_the_idp() {
+    let idp = Idp::start(&IdpOptions::default());
+    let echo = postern_tests::echo_server().await;
+    let gateway = Gateway::start_with_idp(&[("echo", echo)], &idp, "").await;
+    let home = tempfile::tempdir().unwrap();
+    let identity = log_in(&gateway, home.path()).await;
+
+    let out = run(home.path(), &["logout"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("The identity provider revoked the login"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!home.path().join("identity.toml").exists());
+    gateway
+        .wait_for_audit("logout", |e| e["postern"]["refresh_token_revoked"] == true)
+        .await;
+
+    // A copy kept from before the logout renews nothing any more.
+    let session = Session::connect_for(&identity).await.unwrap();
+    let err = session.renew(&identity).await.unwrap_err();
+    session.close().await;
+    assert!(err.login_required(), "{err}");
+    gateway.stop().await;
+    idp.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_logins_are_limited_and_ctrl_c_cancels_one() {
+    let idp = Idp::start(&IdpOptions::default());
+    let echo = postern_tests::echo_server().await;
+    let gateway =
+        Gateway::start_with_idp(&[("echo", echo)], &idp, "max_pending_per_source = 1").await;
+    let (first_home, second_home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+
+    let first = gateway.begin_login(postern(), first_home.path());
+    assert!(first.code.is_some());
+    let second = gateway.begin_login(postern(), second_home.path());
+    assert!(second.code.is_none());
+    let (ok, _, errors) = second.finish();
+    assert!(!ok);
+    assert!(errors.contains("the broker is busy"), "{errors}");
+
+    first.interrupt();
+    let (ok, _, errors) = first.finish();
+    assert!(!ok);
+    assert!(errors.contains("login cancelled"), "{errors}");
+    gateway
+        .wait_for_audit("enroll.deny", |e| {
+            e["event"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("cancelled"))
+        })
+        .await;
+
+    // The slot is free again.
+    let third = gateway.begin_login(postern(), second_home.path());
+    assert!(third.code.is_some());
+    third.interrupt();
+    gateway.stop().await;
+    idp.stop();
+}
