@@ -199,6 +199,26 @@ fn run(command: Command) -> Result<(), Failure> {
                     config::join_host_port(&service.host, service.port)
                 );
             }
+            match &config.oidc {
+                Some(oidc) => {
+                    println!(
+                        "  login             at {} as client {} (certificates for {}, logins renewed up to {})",
+                        oidc.issuer,
+                        oidc.client_id,
+                        humantime::format_duration(config.login.certificate_ttl),
+                        humantime::format_duration(config.login.max_session_age)
+                    );
+                    if let Ok(pin) = server_pin(&config) {
+                        println!(
+                            "  login line        postern login --broker {} --pin {pin}",
+                            config.public_address
+                        );
+                    }
+                }
+                None => println!(
+                    "  login             not set up (no [oidc]); only `postern-broker issue` makes identities"
+                ),
+            }
             Ok(())
         }
         Command::Serve { config } => serve(&config),
@@ -343,9 +363,18 @@ fn print_init_summary(options: &InitOptions, config_path: &std::path::Path) {
     );
 }
 
-/// The pin of the server CA in a broker folder, as agents check it.
+/// The pin of the server CA in a broker folder made by `init`, as agents check it.
 fn login_pin(dir: &std::path::Path) -> anyhow::Result<postern_certs::Pin> {
-    let cas = postern_certs::store::read_certificates(&dir.join("pki").join("server-ca.pem"))?;
+    pin_of_file(&dir.join("pki").join("server-ca.pem"))
+}
+
+/// The pin of a configuration's server CA.
+fn server_pin(config: &Config) -> anyhow::Result<postern_certs::Pin> {
+    pin_of_file(&config.pki.server_ca)
+}
+
+fn pin_of_file(path: &std::path::Path) -> anyhow::Result<postern_certs::Pin> {
+    let cas = postern_certs::store::read_certificates(path)?;
     let first = cas.first().context("the server CA file is empty")?;
     Ok(postern_certs::Pin::of(first)?)
 }

@@ -104,6 +104,7 @@ async fn a_login_without_a_second_factor_is_refused() {
 async fn a_denial_at_the_idp_and_an_expired_code_are_reported() {
     let idp = Idp::start(&IdpOptions {
         device_code_ttl: Duration::from_secs(8),
+        ..IdpOptions::default()
     });
     let echo = postern_tests::echo_server().await;
     let gateway = Gateway::start_with_idp(&[("echo", echo)], &idp, "").await;
@@ -130,6 +131,35 @@ async fn a_denial_at_the_idp_and_an_expired_code_are_reported() {
     gateway
         .wait_for_audit("enroll.deny", |e| e["postern"]["code"] == "expired")
         .await;
+    gateway.stop().await;
+    idp.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_client_secret_is_a_setup_problem_for_the_admin() {
+    let idp = Idp::start(&IdpOptions {
+        client_secret: Some("the right one"),
+        ..IdpOptions::default()
+    });
+    std::fs::write(idp.client_secret_file.as_ref().unwrap(), "a wrong one\n").unwrap();
+    let echo = postern_tests::echo_server().await;
+    let gateway = Gateway::start_with_idp(&[("echo", echo)], &idp, "").await;
+    let home = tempfile::tempdir().unwrap();
+    let login = gateway.begin_login(postern(), home.path());
+    assert!(login.code.is_none(), "no code without a working client");
+    let (ok, _, errors) = login.finish();
+    assert!(!ok);
+    assert!(errors.contains("setup problem for your admin"), "{errors}");
+    let denied = gateway
+        .wait_for_audit("enroll.deny", |e| e["postern"]["code"] == "idp_error")
+        .await;
+    assert!(
+        denied["event"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_client"),
+        "{denied}"
+    );
     gateway.stop().await;
     idp.stop();
 }

@@ -214,7 +214,11 @@ async fn a_sealed_token_without_its_key_renews_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logout_revokes_the_login_at_the_idp() {
-    let idp = Idp::start(&IdpOptions::default());
+    // A confidential client this time: the broker authenticates with its secret.
+    let idp = Idp::start(&IdpOptions {
+        client_secret: Some("broker-client-secret"),
+        ..IdpOptions::default()
+    });
     let echo = postern_tests::echo_server().await;
     let gateway = Gateway::start_with_idp(&[("echo", echo)], &idp, "").await;
     let home = tempfile::tempdir().unwrap();

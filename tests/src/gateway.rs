@@ -128,7 +128,7 @@ impl Gateway {
         let stderr = child.stderr.take().unwrap();
         let running = crate::Running(child);
         let (lines, received) = std::sync::mpsc::channel::<String>();
-        let out_lines = lines.clone();
+        let out_lines = lines;
         std::thread::spawn(move || {
             for line in
                 std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok)

@@ -50,12 +50,15 @@ pub const CLIENT_ID: &str = "postern-broker";
 pub struct IdpOptions {
     /// How long a device code stays valid.
     pub device_code_ttl: Duration,
+    /// The broker's client secret; `None` registers it as a public client.
+    pub client_secret: Option<&'static str>,
 }
 
 impl Default for IdpOptions {
     fn default() -> Self {
         Self {
             device_code_ttl: Duration::from_secs(300),
+            client_secret: None,
         }
     }
 }
@@ -65,6 +68,8 @@ impl Default for IdpOptions {
 pub struct Idp {
     /// The issuer URL.
     pub issuer: String,
+    /// The file holding the broker's client secret, for a confidential client.
+    pub client_secret_file: Option<PathBuf>,
     /// The CA of its HTTPS certificate, PEM file.
     pub ca_file: PathBuf,
     dir: TempDir,
@@ -103,7 +108,7 @@ impl Idp {
                 "cert": dir.path().join("idp.pem"),
                 "key": dir.path().join("idp.key"),
             },
-            "clients": [{"client_id": CLIENT_ID, "client_secret": null}],
+            "clients": [{"client_id": CLIENT_ID, "client_secret": options.client_secret}],
             "users": [person(&ALICE, "Alice Example", &["staff"]), person(&BOB, "Bob Example", &[])],
             "device_code_ttl_seconds": options.device_code_ttl.as_secs(),
             "id_token_ttl_seconds": 3600,
@@ -130,8 +135,14 @@ impl Idp {
                 std::fs::read_to_string(dir.path().join("idp.log")).unwrap_or_default()
             )
         });
+        let client_secret_file = options.client_secret.map(|secret| {
+            let path = dir.path().join("client-secret");
+            std::fs::write(&path, format!("{secret}\n")).unwrap();
+            path
+        });
         Self {
             issuer: ready["issuer"].as_str().unwrap().to_owned(),
+            client_secret_file,
             ca_file,
             dir,
             process,
@@ -140,11 +151,18 @@ impl Idp {
 
     /// The `[oidc]` table of a broker that uses this IdP.
     pub fn oidc_table(&self) -> String {
-        format!(
+        let mut table = format!(
             "\n[oidc]\nissuer = {:?}\nclient_id = {CLIENT_ID:?}\nca_file = {:?}\n",
             self.issuer,
             self.ca_file.display().to_string()
-        )
+        );
+        if let Some(file) = &self.client_secret_file {
+            table.push_str(&format!(
+                "client_secret_file = {:?}\n",
+                file.display().to_string()
+            ));
+        }
+        table
     }
 
     /// The IdP's log so far.
