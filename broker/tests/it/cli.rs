@@ -180,6 +180,11 @@ fn init_with_an_identity_provider_prints_the_login_line() {
         dir.path().join("b/broker.toml").to_str().unwrap(),
     ]);
     assert!(check.status.success(), "{}", stderr(&check));
+    assert!(
+        String::from_utf8_lossy(&check.stdout).contains(line.trim()),
+        "check repeats the login line: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
 
     // The scopes must ask for an ID token; an issuer in plain http is refused off loopback.
     let config_path = dir.path().join("b/broker.toml");
