@@ -77,6 +77,35 @@ pub async fn keep_renewed(
         if !wait_until(at, &shutdown).await {
             return;
         }
+        // The stored identity is the newest word: `postern renew` may have rotated the refresh
+        // token meanwhile (using the old one again would make the IdP revoke the login), and a
+        // new `postern login` replaces the lineage, which this agent must not overwrite.
+        match home.identity() {
+            Ok(stored)
+                if stored.certificate != identity.certificate
+                    && lineage(&stored) == lineage(&identity) =>
+            {
+                // Renewed by `postern renew`: use it, and renew it when it is due.
+                if let Ok(credential) = stored.credential()
+                    && tunnel.renewed(&stored, credential).await.is_ok()
+                {
+                    identity = stored;
+                    continue;
+                }
+                return;
+            }
+            Ok(stored) if lineage(&stored) == lineage(&identity) => identity = stored,
+            Ok(_) => {
+                warn!(
+                    "the stored identity was replaced by a new login; restart `postern up` to use it"
+                );
+                return;
+            }
+            Err(err) => {
+                error!("cannot read the stored identity: {err}");
+                return;
+            }
+        }
         match renew(&home, &identity).await {
             Ok(renewed) => {
                 let credential = match renewed.credential() {
@@ -115,6 +144,13 @@ pub async fn keep_renewed(
             }
         }
     }
+}
+
+fn lineage(identity: &Bundle) -> Option<postern_certs::LineageId> {
+    identity
+        .inspect()
+        .ok()
+        .map(|certificate| certificate.identity.auth.lineage)
 }
 
 /// Waits until the wall clock reaches `at`; `false` when shut down first.

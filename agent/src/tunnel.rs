@@ -276,8 +276,8 @@ pub(crate) async fn dial(
 }
 
 /// What to do when the broker turns this device's identity away.
-pub const GET_A_NEW_IDENTITY: &str = "get a new identity: ask your administrator for a bundle, import it with \
-     `postern login --bundle FILE`, then restart `postern up`";
+pub const GET_A_NEW_IDENTITY: &str = "log in again with `postern login` (or, for an identity from your \
+     administrator, import a new bundle with `postern login --bundle FILE`), then restart `postern up`";
 
 /// What a connection error means for the person at the keyboard.
 pub fn explain(error: &ConnectionError) -> String {

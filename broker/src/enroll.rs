@@ -371,11 +371,11 @@ async fn login(
             result = &mut finish => break result,
             Some(()) = polls.recv() => {
                 if write_frame(send, &Reply::Pending).await.is_err() {
-                    return outcome.fail(FailCode::Internal, "the agent cancelled the login");
+                    return outcome.fail(FailCode::Cancelled, "the agent cancelled the login");
                 }
             }
             _ = connection.closed() => {
-                return outcome.fail(FailCode::Internal, "the agent cancelled the login");
+                return outcome.fail(FailCode::Cancelled, "the agent cancelled the login");
             }
             () = shared.shutdown.cancelled() => {
                 return outcome.fail(FailCode::ShuttingDown, "the broker is restarting; run `postern login` again in a moment");

@@ -660,12 +660,15 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
         }
         info!("session open");
         let relayed = relay(send, recv, upstream, &peer.cut).await;
+        // The expiry cut closes the connection too; whichever the relay noticed first, the
+        // session ended because the certificate did.
+        let expired = peer.expired.load(Ordering::Relaxed);
         let reason = match &relayed.end {
             RelayEnd::Closed => "closed".to_owned(),
+            RelayEnd::Cancelled | RelayEnd::ConnectionLost(_) if expired => "certificate_expired".to_owned(),
             RelayEnd::QuicReset(_) | RelayEnd::QuicStopped(_) => "client_reset".to_owned(),
             RelayEnd::ConnectionLost(why) => format!("connection_lost: {why}"),
             RelayEnd::TcpFailed(kind) => format!("upstream_failed: {kind}"),
-            RelayEnd::Cancelled if peer.expired.load(Ordering::Relaxed) => "certificate_expired".to_owned(),
             RelayEnd::Cancelled => "shutdown".to_owned(),
         };
         info!(bytes.from_client = relayed.from_quic, bytes.to_client = relayed.to_quic, %reason, "session closed");

@@ -174,6 +174,9 @@ pub enum FailCode {
     Internal,
     /// This broker has no identity provider configured.
     NotConfigured,
+    /// The agent gave up (Ctrl-C) before the login finished. Recorded in the audit trail; the
+    /// agent is gone when it would be sent.
+    Cancelled,
     /// A code this version does not know. Never holds a known code.
     Unrecognized(u16),
 }
@@ -451,6 +454,7 @@ impl FailCode {
             9 => Self::ShuttingDown,
             10 => Self::Internal,
             11 => Self::NotConfigured,
+            12 => Self::Cancelled,
             other => Self::Unrecognized(other),
         }
     }
@@ -469,6 +473,7 @@ impl FailCode {
             Self::ShuttingDown => 9,
             Self::Internal => 10,
             Self::NotConfigured => 11,
+            Self::Cancelled => 12,
             Self::Unrecognized(other) => other,
         }
     }
@@ -487,6 +492,7 @@ impl FailCode {
             Self::ShuttingDown => "shutting_down",
             Self::Internal => "internal",
             Self::NotConfigured => "not_configured",
+            Self::Cancelled => "cancelled",
             Self::Unrecognized(_) => "unrecognized",
         }
     }

@@ -30,16 +30,18 @@ fn cedar_blocks(markdown: &str) -> Vec<String> {
 
 #[test]
 fn every_policy_in_the_docs_validates() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/policy.md");
-    let blocks = cedar_blocks(&std::fs::read_to_string(path).unwrap());
-    assert!(blocks.len() >= 4, "the policy guide shows its examples");
-    for (index, text) in blocks.iter().enumerate() {
-        let source = Source {
-            name: format!("docs/policy.md block {}", index + 1),
-            text: text.clone(),
-        };
-        if let Err(err) = Policies::from_sources(&[source]) {
-            panic!("block {}:\n{text}\n{err}", index + 1);
+    for (doc, at_least) in [("policy.md", 7), ("identity-providers.md", 4)] {
+        let path = format!("{}/../docs/{doc}", env!("CARGO_MANIFEST_DIR"));
+        let blocks = cedar_blocks(&std::fs::read_to_string(path).unwrap());
+        assert!(blocks.len() >= at_least, "docs/{doc} shows its examples");
+        for (index, text) in blocks.iter().enumerate() {
+            let source = Source {
+                name: format!("docs/{doc} block {}", index + 1),
+                text: text.clone(),
+            };
+            if let Err(err) = Policies::from_sources(&[source]) {
+                panic!("docs/{doc} block {}:\n{text}\n{err}", index + 1);
+            }
         }
     }
 }
