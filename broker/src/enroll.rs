@@ -119,6 +119,17 @@ impl Enrollment {
         })
     }
 
+    /// The IdP and the seal key, or why logins cannot work here.
+    fn configured(&self) -> Result<(&Idp, &SealKey), Failure> {
+        match (&self.idp, &self.seal) {
+            (Some(idp), Some(seal)) => Ok((idp, seal)),
+            _ => Err(Failure::new(
+                FailCode::NotConfigured,
+                "this broker has no identity provider configured; ask your admin for an identity bundle (`postern login --bundle FILE`)",
+            )),
+        }
+    }
+
     /// The IdP's issuer, when login is set up.
     pub(crate) fn issuer(&self) -> Option<&str> {
         self.idp.as_ref().map(Idp::issuer)
@@ -226,9 +237,7 @@ async fn stream(
         Request::Renew { csr, sealed, proof } => {
             renew(connection, source, shared, &csr, &sealed, &proof).await
         }
-        Request::Logout { sealed, proof } => {
-            logout(connection, source, shared, &sealed, &proof).await
-        }
+        Request::Logout { sealed, proof } => logout(connection, shared, &sealed, &proof).await,
     };
     finish(outcome, source, shared, &mut send).await;
 }
@@ -303,6 +312,11 @@ impl Outcome {
         }
     }
 
+    fn failed(mut self, failure: Failure) -> Self {
+        self.reply = Err(failure);
+        self
+    }
+
     fn fail(mut self, code: FailCode, reason: &str) -> Self {
         self.reply = Err(Failure::new(code, reason));
         self
@@ -323,20 +337,13 @@ async fn login(
 ) -> Outcome {
     let outcome = Outcome::new("enroll");
     let enrollment = &shared.enrollment;
-    let (Some(idp), Some(seal)) = (&enrollment.idp, &enrollment.seal) else {
-        return outcome.fail(
-            FailCode::NotConfigured,
-            "this broker has no identity provider configured; ask your admin for an identity bundle (`postern login --bundle FILE`)",
-        );
+    let (idp, seal) = match enrollment.configured() {
+        Ok(configured) => configured,
+        Err(failure) => return outcome.failed(failure),
     };
-    let key = match PublicKey::from_csr_der(csr) {
+    let key = match signing_request(csr) {
         Ok(key) => key,
-        Err(err) => {
-            return outcome.fail(
-                FailCode::BadRequest,
-                &format!("the signing request is unusable: {err}"),
-            );
-        }
+        Err(failure) => return outcome.failed(failure),
     };
     let Some(_slot) = enrollment.reserve(source.ip(), &shared.config) else {
         return outcome.fail(
@@ -443,26 +450,18 @@ async fn renew(
     proof: &[u8],
 ) -> Outcome {
     let mut outcome = Outcome::new("renew");
-    let enrollment = &shared.enrollment;
-    let (Some(idp), Some(seal)) = (&enrollment.idp, &enrollment.seal) else {
-        return outcome.fail(
-            FailCode::NotConfigured,
-            "this broker has no identity provider configured; ask your admin for a new identity bundle",
-        );
+    let (idp, seal) = match shared.enrollment.configured() {
+        Ok(configured) => configured,
+        Err(failure) => return outcome.failed(failure),
     };
     let mut contents = match open_and_prove(connection, seal, sealed, csr, proof) {
         Ok(contents) => contents,
         Err((code, reason)) => return outcome.fail(code, &reason),
     };
     outcome.identity = identity_of(&contents).ok();
-    let key = match PublicKey::from_csr_der(csr) {
+    let key = match signing_request(csr) {
         Ok(key) => key,
-        Err(err) => {
-            return outcome.fail(
-                FailCode::BadRequest,
-                &format!("the signing request is unusable: {err}"),
-            );
-        }
+        Err(failure) => return outcome.failed(failure),
     };
     let now = SystemTime::now();
     let session_ends = SystemTime::UNIX_EPOCH + Duration::from_secs(contents.session_ends);
@@ -527,21 +526,11 @@ async fn renew(
     )
 }
 
-async fn logout(
-    connection: &Connection,
-    source: SocketAddr,
-    shared: &Shared,
-    sealed: &[u8],
-    proof: &[u8],
-) -> Outcome {
-    let _ = source;
+async fn logout(connection: &Connection, shared: &Shared, sealed: &[u8], proof: &[u8]) -> Outcome {
     let mut outcome = Outcome::new("logout");
-    let enrollment = &shared.enrollment;
-    let (Some(idp), Some(seal)) = (&enrollment.idp, &enrollment.seal) else {
-        return outcome.fail(
-            FailCode::NotConfigured,
-            "this broker has no identity provider configured",
-        );
+    let (idp, seal) = match shared.enrollment.configured() {
+        Ok(configured) => configured,
+        Err(failure) => return outcome.failed(failure),
     };
     let contents = match open_and_prove(connection, seal, sealed, &[], proof) {
         Ok(contents) => contents,
@@ -563,6 +552,16 @@ async fn logout(
     outcome.revoked = Some(revoked);
     outcome.reply = Ok(Reply::LoggedOut { revoked });
     outcome
+}
+
+/// The key of a signing request: P-256 or Ed25519, signed by itself.
+fn signing_request(csr: &[u8]) -> Result<PublicKey, Failure> {
+    PublicKey::from_csr_der(csr).map_err(|err| {
+        Failure::new(
+            FailCode::BadRequest,
+            &format!("the signing request is unusable: {err}"),
+        )
+    })
 }
 
 /// Opens a sealed token and checks the agent's proof that it holds the key it was sealed for,

@@ -114,40 +114,63 @@ impl LoginAction {
 
 impl LoginRequest<'_> {
     pub(crate) fn to_cedar(&self, schema: &Schema) -> Result<(Request, Entities), String> {
+        let user = uid("User", &self.principal.id)?;
         let broker = uid("Broker", self.broker)?;
         let action = uid("Action", self.action.as_str())?;
-        let mut entities = principal_entities(self.principal)?;
-        entities.push(
-            Entity::new(
-                broker.clone(),
-                HashMap::from([("name".to_owned(), string(self.broker))]),
-                HashSet::new(),
-            )
-            .map_err(|e| e.to_string())?,
-        );
-        let entities =
-            Entities::from_entities(entities, Some(schema)).map_err(|e| e.to_string())?;
-        let context = Context::from_pairs([
-            (
-                "source_ip".to_owned(),
-                RestrictedExpression::new_ip(canonical_ip(self.source).to_string()),
-            ),
-            (
-                "authentication".to_owned(),
-                authentication(self.authentication, self.now)?,
-            ),
-            (
-                "email_verified".to_owned(),
-                RestrictedExpression::new_bool(self.email_verified),
-            ),
-            ("device".to_owned(), string(self.device)),
-        ])
+        let broker_entity = Entity::new(
+            broker.clone(),
+            HashMap::from([("name".to_owned(), string(self.broker))]),
+            HashSet::new(),
+        )
         .map_err(|e| e.to_string())?;
-        let user = uid("User", &self.principal.id)?;
+        let entities = entities(self.principal, broker_entity, schema)?;
+        let context = context(
+            self.source,
+            self.authentication,
+            self.device,
+            self.now,
+            [(
+                "email_verified",
+                RestrictedExpression::new_bool(self.email_verified),
+            )],
+        )?;
         let request =
             Request::new(user, action, broker, context, Some(schema)).map_err(|e| e.to_string())?;
         Ok((request, entities))
     }
+}
+
+/// The principal with its groups, and the resource, checked against the schema.
+fn entities(principal: &Principal, resource: Entity, schema: &Schema) -> Result<Entities, String> {
+    let mut entities = principal_entities(principal)?;
+    entities.push(resource);
+    Entities::from_entities(entities, Some(schema)).map_err(|e| e.to_string())
+}
+
+/// The context every action shares — where from, how authenticated, which device — and the
+/// action's own fields.
+fn context<const N: usize>(
+    source: IpAddr,
+    auth: &Authentication,
+    device: &str,
+    now: SystemTime,
+    own: [(&str, RestrictedExpression); N],
+) -> Result<Context, String> {
+    let shared = [
+        (
+            "source_ip".to_owned(),
+            RestrictedExpression::new_ip(canonical_ip(source).to_string()),
+        ),
+        ("authentication".to_owned(), authentication(auth, now)?),
+        ("device".to_owned(), string(device)),
+    ];
+    Context::from_pairs(
+        shared.into_iter().chain(
+            own.into_iter()
+                .map(|(name, value)| (name.to_owned(), value)),
+        ),
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// The `User` entity and its `Group` parents.
@@ -202,39 +225,27 @@ impl ConnectRequest<'_> {
         let user = uid("User", &self.principal.id)?;
         let service = uid("Service", &self.service.name)?;
         let action = uid("Action", "connect")?;
-
         let service_attrs = HashMap::from([
             ("name".to_owned(), string(&self.service.name)),
             ("protocol".to_owned(), string(&self.service.protocol)),
             ("tags".to_owned(), set(&self.service.tags)),
         ]);
-        let mut entities = principal_entities(self.principal)?;
-        entities.push(
-            Entity::new(service.clone(), service_attrs, HashSet::new())
-                .map_err(|e| e.to_string())?,
-        );
-        let entities =
-            Entities::from_entities(entities, Some(schema)).map_err(|e| e.to_string())?;
-
-        let context = Context::from_pairs([
-            (
-                "source_ip".to_owned(),
-                RestrictedExpression::new_ip(canonical_ip(self.source).to_string()),
-            ),
-            (
-                "authentication".to_owned(),
-                authentication(self.authentication, self.now)?,
-            ),
-            ("device".to_owned(), string(self.device)),
-            (
-                "certificate_expires_in_seconds".to_owned(),
+        let service_entity = Entity::new(service.clone(), service_attrs, HashSet::new())
+            .map_err(|e| e.to_string())?;
+        let entities = entities(self.principal, service_entity, schema)?;
+        let context = context(
+            self.source,
+            self.authentication,
+            self.device,
+            self.now,
+            [(
+                "certificate_expires_in_seconds",
                 RestrictedExpression::new_long(seconds_between(
                     self.now,
                     self.certificate_not_after,
                 )),
-            ),
-        ])
-        .map_err(|e| e.to_string())?;
+            )],
+        )?;
         let request = Request::new(user, action, service, context, Some(schema))
             .map_err(|e| e.to_string())?;
         Ok((request, entities))
