@@ -33,17 +33,7 @@ fn show(program: &Path, args: &[&str]) {
 }
 
 fn run(program: &Path, args: &[&str], home: &Path) {
-    show(program, args);
-    let output = Command::new(program)
-        .args(args)
-        .env("POSTERN_HOME", home)
-        .output()
-        .unwrap();
-    print!("{}", String::from_utf8_lossy(&output.stdout));
-    if !output.status.success() {
-        eprint!("{}", String::from_utf8_lossy(&output.stderr));
-        panic!("the command failed");
-    }
+    run_capture(program, args, home);
 }
 
 fn main() {
