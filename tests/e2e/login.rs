@@ -163,3 +163,39 @@ async fn a_wrong_client_secret_is_a_setup_problem_for_the_admin() {
     gateway.stop().await;
     idp.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_idp_is_reported_and_tunnels_keep_working() {
+    let idp = Idp::start(&IdpOptions::default());
+    let echo = postern_tests::echo_server().await;
+    let gateway = Gateway::start_with_idp(&[("echo", echo)], &idp, "").await;
+    idp.stop();
+    let home = tempfile::tempdir().unwrap();
+    let login = gateway.begin_login(postern(), home.path());
+    assert!(login.code.is_none());
+    let (ok, _, errors) = login.finish();
+    assert!(!ok);
+    assert!(
+        errors.contains("the identity provider is unavailable: the broker cannot reach the identity provider right now"),
+        "{errors}"
+    );
+    gateway
+        .wait_for_audit("enroll.deny", |e| e["postern"]["code"] == "idp_unavailable")
+        .await;
+    // Identities already issued do not depend on the IdP.
+    let identity = gateway.issue("machine@example.org", &[], Duration::from_secs(600));
+    let agent = AgentHandle::start(&identity).await;
+    let mut stream = tokio::net::TcpStream::connect(agent.addr("echo"))
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, b"ping")
+        .await
+        .unwrap();
+    let mut back = [0u8; 4];
+    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut back)
+        .await
+        .unwrap();
+    assert_eq!(&back, b"ping");
+    agent.stop().await;
+    gateway.stop().await;
+}

@@ -334,3 +334,64 @@ fn unusable_jwks_entries_are_skipped() {
     );
     assert!(parse_jwks(b"[]").is_err());
 }
+
+/// A JWKS endpoint on 127.0.0.1 that counts its requests.
+async fn jwks_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            // Slow enough that concurrent verifications overlap the fetch.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                JWKS.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(JWKS).await;
+        }
+    });
+    (format!("http://{addr}/jwks"), count)
+}
+
+#[tokio::test]
+async fn keys_are_fetched_once_for_many_tokens_and_not_again_for_unknown_kids() {
+    let (uri, fetches) = jwks_server().await;
+    let keys = std::sync::Arc::new(Keys::new(uri, reqwest::Client::new()));
+    let token = rs256(&claims());
+    let mut checks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (keys, token) = (keys.clone(), token.clone());
+        checks.spawn(async move { keys.verify(&token, &expected(), now()).await });
+    }
+    while let Some(result) = checks.join_next().await {
+        assert!(result.unwrap().is_ok());
+    }
+    assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // A key the issuer does not have: fetched again at most once in the interval, not per token.
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("unknown".into());
+    let stranger = encode(
+        &header,
+        &claims(),
+        &EncodingKey::from_rsa_pem(RSA_KEY).unwrap(),
+    )
+    .unwrap();
+    for _ in 0..5 {
+        assert_eq!(
+            keys.verify(&stranger, &expected(), now()).await,
+            Err(TokenError::UnknownKey(Some("unknown".into())))
+        );
+    }
+    assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
