@@ -221,12 +221,16 @@ pub async fn approve(url: &str, code: &str, person: &Person, deny: bool) -> Appr
 /// The current TOTP code for `secret` (RFC 6238: SHA-1, 6 digits, 30 s), as a person reads it
 /// from an authenticator app.
 pub fn totp_now(secret: &str) -> (String, Duration) {
-    let key = base32_decode(secret);
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let counter = now / 30;
+    (totp_at(secret, now), Duration::from_secs(30 - now % 30))
+}
+
+fn totp_at(secret: &str, unix_seconds: u64) -> String {
+    let key = base32_decode(secret);
+    let counter = unix_seconds / 30;
     let tag = ring::hmac::sign(
         &ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &key),
         &counter.to_be_bytes(),
@@ -239,10 +243,7 @@ pub fn totp_now(secret: &str) -> (String, Duration) {
         tag[offset + 2],
         tag[offset + 3],
     ]) & 0x7fff_ffff;
-    (
-        format!("{:06}", value % 1_000_000),
-        Duration::from_secs(30 - now % 30),
-    )
+    format!("{:06}", value % 1_000_000)
 }
 
 fn base32_decode(text: &str) -> Vec<u8> {
@@ -281,5 +282,13 @@ mod tests {
             base32_decode("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"),
             b"12345678901234567890"
         );
+        // Its SHA-1 vectors, last six of the eight digits.
+        for (time, code) in [
+            (59, "287082"),
+            (1_111_111_109, "081804"),
+            (2_000_000_000, "279037"),
+        ] {
+            assert_eq!(totp_at("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ", time), code);
+        }
     }
 }
