@@ -176,6 +176,8 @@ pub struct Login<'a> {
     pub flow: &'static str,
     /// The identity, once known: certified on success, claimed by the ID token on refusal.
     pub identity: Option<&'a Identity>,
+    /// The broker-assigned device id, once assigned (also before the identity is known).
+    pub device: Option<postern_certs::DeviceId>,
     /// The failure code sent to the agent.
     pub code: Option<&'static str>,
     /// Why it failed, in full (the agent may get a shorter sentence).
@@ -377,6 +379,9 @@ impl Audit {
                     if let Some(acr) = &identity.auth.acr {
                         postern["acr"] = json!(acr);
                     }
+                }
+                if let Some(device) = login.device {
+                    postern["device"] = json!(device.to_string());
                 }
                 if let Some(code) = login.code {
                     postern["code"] = json!(code);

@@ -70,6 +70,8 @@ struct Outcome {
     /// Why it failed, in full, for the audit trail.
     detail: Option<String>,
     identity: Option<Identity>,
+    /// The device id, once assigned.
+    device: Option<RandomId>,
     decision: Option<Decision>,
     certificate: Option<(String, SystemTime)>,
     session_ends: Option<SystemTime>,
@@ -264,6 +266,11 @@ async fn finish(mut outcome: Outcome, source: SocketAddr, shared: &Shared, send:
         source,
         flow: LoginFlow::DeviceCode.as_str(),
         identity: outcome.identity.as_ref(),
+        device: outcome
+            .identity
+            .as_ref()
+            .map(|i| i.auth.device)
+            .or(outcome.device),
         code,
         reason,
         policies: outcome.decision.as_ref().map_or(&empty, |d| &d.policies),
@@ -305,6 +312,7 @@ impl Outcome {
             reply: Err(Failure::new(FailCode::Internal, "not finished")),
             detail: None,
             identity: None,
+            device: None,
             decision: None,
             certificate: None,
             session_ends: None,
@@ -335,7 +343,13 @@ async fn login(
     send: &mut SendStream,
     csr: &[u8],
 ) -> Outcome {
-    let outcome = Outcome::new("enroll");
+    let mut outcome = Outcome::new("enroll");
+    // The device id is assigned first, so that every attempt, refused or not, is recorded with
+    // the id the device would have had.
+    let (Ok(lineage), Ok(device_id)) = (RandomId::generate(), RandomId::generate()) else {
+        return outcome.fail(FailCode::Internal, "the broker has no randomness");
+    };
+    outcome.device = Some(device_id);
     let enrollment = &shared.enrollment;
     let (idp, seal) = match enrollment.configured() {
         Ok(configured) => configured,
@@ -407,9 +421,6 @@ async fn login(
     if !claims.auth_time_present {
         debug!("the ID token has no auth_time; using iat");
     }
-    let (Ok(lineage), Ok(device_id)) = (RandomId::generate(), RandomId::generate()) else {
-        return outcome.fail(FailCode::Internal, "the broker has no randomness");
-    };
     let session_ends = whole_seconds(claims.auth_time) + shared.config.login.max_session_age;
     let contents = Sealed {
         refresh_token: tokens.refresh_token.clone().unwrap_or_default(),

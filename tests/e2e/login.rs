@@ -119,9 +119,12 @@ async fn a_denial_at_the_idp_and_an_expired_code_are_reported() {
         errors.contains("login denied at the identity provider"),
         "{errors}"
     );
-    gateway
+    let denied = gateway
         .wait_for_audit("enroll.deny", |e| e["postern"]["code"] == "access_denied")
         .await;
+    assert_eq!(denied["postern"]["device"].as_str().unwrap().len(), 32);
+    assert_eq!(denied["postern"]["flow"], "device_code");
+    assert_eq!(denied["source"]["ip"], "127.0.0.1");
 
     let login = gateway.begin_login(postern(), home.path());
     assert!(login.code.is_some());
