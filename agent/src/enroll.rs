@@ -5,7 +5,7 @@
 //! the CAs of the stored identity, or the publicly trusted roots. Never on first use.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use postern_certs::{Bundle, BundleService, DeviceKey, KeyRequest, Login, Pin, Sealed, SecretPem};
 use postern_proto::{
@@ -277,7 +277,9 @@ impl Session {
             services,
             login: Some(Login {
                 sealed: issued.sealed.map(Sealed::new),
-                session_ends: SystemTime::UNIX_EPOCH + Duration::from_secs(issued.session_ends),
+                session_ends: postern_certs::unix_time(issued.session_ends).ok_or_else(|| {
+                    EnrollError::Protocol("the login's end is out of range".into())
+                })?,
             }),
         };
         // The certificate must be for this key and carry an identity.

@@ -37,6 +37,8 @@ pub const DEFAULT_MAX_PENDING_LOGINS: usize = 256;
 pub const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 4;
 /// Default scopes requested at the IdP: an ID token, email, name, and a refresh token.
 pub const DEFAULT_SCOPES: &[&str] = &["openid", "email", "profile", "offline_access"];
+/// Largest `login.max_session_age` accepted: a login must end, and with it its second factor.
+pub const MAX_SESSION_AGE: Duration = Duration::from_secs(31 * 24 * 3600);
 /// Longest device code lifetime honoured, whatever the IdP says.
 pub const MAX_DEVICE_CODE_LIFETIME: Duration = Duration::from_secs(15 * 60);
 /// Largest `pki.max_clock_skew` accepted: more would keep expired certificates working.
@@ -521,10 +523,14 @@ impl Config {
             )?,
             pki.max_cert_lifetime,
         )?;
-        let max_session_age = duration(
+        let max_session_age = at_most(
             "login.max_session_age",
-            raw.login.max_session_age.as_deref(),
-            DEFAULT_MAX_SESSION_AGE,
+            duration(
+                "login.max_session_age",
+                raw.login.max_session_age.as_deref(),
+                DEFAULT_MAX_SESSION_AGE,
+            )?,
+            MAX_SESSION_AGE,
         )?;
         let max_pending = raw.login.max_pending.unwrap_or(DEFAULT_MAX_PENDING_LOGINS);
         let max_pending_per_source = raw

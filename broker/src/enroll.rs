@@ -475,13 +475,13 @@ async fn renew(
         Err(failure) => return outcome.failed(failure),
     };
     let now = SystemTime::now();
-    let session_ends = SystemTime::UNIX_EPOCH + Duration::from_secs(contents.session_ends);
+    let session_ends = unix(contents.session_ends);
     if session_ends <= now + MIN_LIFETIME {
         return outcome.fail(
             FailCode::LoginRequired,
             &format!(
                 "your login from {} has reached the maximum session age; run `postern login` to log in again",
-                postern_certs::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(contents.auth_time))
+                postern_certs::rfc3339(unix(contents.auth_time))
             ),
         );
     }
@@ -642,7 +642,7 @@ fn certify(
         }
     };
     outcome.identity = Some(identity.clone());
-    let session_ends = SystemTime::UNIX_EPOCH + Duration::from_secs(contents.session_ends);
+    let session_ends = unix(contents.session_ends);
     outcome.session_ends = Some(session_ends);
     let principal = crate::serve::principal(&identity);
     let authentication = crate::serve::authentication(&identity);
@@ -749,7 +749,7 @@ fn identity_of(contents: &Sealed) -> Result<Identity, String> {
             issuance: Issuance::Login(LoginFlow::DeviceCode),
             amr: contents.amr.clone(),
             acr: contents.acr.clone(),
-            auth_time: SystemTime::UNIX_EPOCH + Duration::from_secs(contents.auth_time),
+            auth_time: unix(contents.auth_time),
             lineage: id(&contents.lineage)?,
             device: id(&contents.device)?,
         },
@@ -847,6 +847,12 @@ fn refusal_reason(amr: &[String]) -> String {
     } else {
         "this broker's policy does not allow this login; ask your admin (the broker's audit trail names the policy)".to_owned()
     }
+}
+
+/// A time from the sealed login. Out of range (which only a forged token could hold) is the
+/// epoch: long past, so every check on it fails closed.
+fn unix(seconds: u64) -> SystemTime {
+    postern_certs::unix_time(seconds).unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 fn whole_seconds(time: SystemTime) -> SystemTime {

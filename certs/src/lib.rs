@@ -64,6 +64,14 @@ pub fn rfc3339(time: std::time::SystemTime) -> String {
         .unwrap_or_else(|| "(time out of range)".to_owned())
 }
 
+/// The time `seconds` after the Unix epoch, if certificates can express it (up to the year
+/// 9999). Use it for any count of seconds read from the wire or a file: adding a large
+/// `Duration` to a `SystemTime` panics.
+pub fn unix_time(seconds: u64) -> Option<std::time::SystemTime> {
+    (seconds <= MAX_UNIX_SECONDS)
+        .then(|| std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+}
+
 /// Last second certificates (GeneralizedTime) can express: 9999-12-31T23:59:59Z.
 pub(crate) const MAX_UNIX_SECONDS: u64 = 253_402_300_799;
 
