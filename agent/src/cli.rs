@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use postern_certs::{Issuance, KeyRequest, check_key_matches};
-use postern_proto::ServiceName;
+use postern_proto::{Revocation, ServiceName};
 
 use crate::home::{Home, read_bundle};
 use crate::up::Agent;
@@ -227,9 +227,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn renew(home: &Home) -> anyhow::Result<()> {
-    let identity = home.identity()?;
+    home.identity()?;
     let renewed = runtime()?
-        .block_on(crate::renew::renew(home, &identity))
+        .block_on(crate::renew::renew(home, None))
         .map_err(crate::login::explain_failure)?;
     let certificate = renewed.inspect()?;
     println!(
@@ -259,30 +259,43 @@ fn logout(home: &Home) -> anyhow::Result<()> {
         .login
         .as_ref()
         .is_some_and(|login| login.sealed.is_some());
-    let revoked = if renewable {
-        runtime()?.block_on(async {
+    let runtime = runtime()?;
+    let _lock = runtime.block_on(home.lock())?;
+    let revocation = renewable.then(|| {
+        runtime.block_on(async {
             let session = crate::enroll::Session::connect_for(&identity).await?;
-            let revoked = session.logout(&identity).await;
+            let revocation = session.logout(&identity).await;
             session.close().await;
-            revoked
+            Ok::<_, anyhow::Error>(revocation?)
         })
-    } else {
-        Ok(false)
-    };
+    });
+    let session_ends = identity.login.as_ref().map(|login| login.session_ends);
     home.remove_identity()?;
     println!(
         "Deleted this device's key, certificate and saved login ({}).",
         home.identity_path().display()
     );
-    match revoked {
-        Ok(true) => println!("The identity provider revoked the login."),
-        Ok(false) if renewable => println!(
-            "The identity provider offers no revocation; the saved login is gone from this device and useless without its key."
+    // What a copy of the identity file made before now could still do.
+    let copies = match session_ends {
+        Some(ends) => format!(
+            "a copy of this device's identity file made before now could still renew until {}",
+            postern_certs::rfc3339(ends)
         ),
-        Ok(false) => {}
-        Err(err) => println!(
-            "Could not ask the broker to revoke the login at the identity provider ({err}); the saved login is gone from              this device and useless without its key."
+        None => "a copy of this device's identity file works until its certificate ends".to_owned(),
+    };
+    match revocation {
+        Some(Ok(Revocation::Revoked)) => println!("The identity provider revoked the login."),
+        Some(Ok(Revocation::Unsupported)) => println!(
+            "The identity provider offers no revocation, so the login stays valid there: {copies}."
         ),
+        Some(Ok(Revocation::Failed)) => println!(
+            "The identity provider did not confirm the revocation (the broker's audit trail says why): {copies}."
+        ),
+        Some(Err(err)) => println!(
+            "Could not ask the broker to revoke the login ({err:#}): {copies}; if that matters, ask your admin \
+             to end the login at the identity provider."
+        ),
+        None => {}
     }
     println!("Programs connected through a running `postern up` stay connected until it stops.");
     Ok(())
@@ -295,7 +308,7 @@ fn up(home: &Home, listens: &[(ServiceName, SocketAddr)]) -> anyhow::Result<()> 
         let mut signals = postern_transport::Signals::install();
         if crate::renew::renewable_after_expiry(&identity, SystemTime::now()) {
             eprintln!("postern: the certificate ended while this device was away; renewing it");
-            identity = crate::renew::renew(home, &identity)
+            identity = crate::renew::renew(home, None)
                 .await
                 .map_err(crate::login::explain_failure)?;
         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use postern_certs::{Bundle, BundleService, DeviceKey, KeyRequest, Login, Pin, Sealed, SecretPem};
 use postern_proto::{
     ALPN_ENROLL, DeviceCode, FailCode, Failure, Issued, PROOF_EXPORTER_LABEL, PROOF_EXPORTER_LEN,
-    Reply, Request, Welcome, proof_message,
+    ProofOf, Reply, Request, Revocation, Welcome, proof_message,
 };
 use postern_transport::{FrameError, read_frame, write_frame};
 use quinn::Connection;
@@ -62,6 +62,9 @@ pub enum EnrollError {
     /// Something local failed (keys, files).
     #[error("{0}")]
     Local(String),
+    /// A new login replaced the identity being renewed.
+    #[error("the stored identity was replaced by a new login")]
+    Replaced,
 }
 
 /// What a login or renewal produced, ready to be stored.
@@ -123,7 +126,14 @@ impl Session {
                     .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
                     .map(|chain| *chain)
                     .unwrap_or_default();
-                postern_certs::pinned_cas(pins, &chain)
+                let cas = postern_certs::pinned_cas(pins, &chain);
+                if cas.is_empty() {
+                    // The verifier accepted only chains holding a pinned CA; never widen trust.
+                    return Err(EnrollError::Protocol(
+                        "the broker's chain holds no pinned CA after the handshake".into(),
+                    ));
+                }
+                cas
             }
             Trust::Cas(cas) => cas.clone(),
             Trust::PublicRoots => Vec::new(),
@@ -190,7 +200,7 @@ impl Session {
         let request = KeyRequest::generate()
             .map_err(|e| EnrollError::Local(format!("cannot make a key: {e}")))?;
         let csr = csr_der(&request.csr_pem)?;
-        let proof = self.prove(identity, &csr, sealed)?;
+        let proof = self.prove(identity, ProofOf::Renew, &csr, sealed)?;
         let (mut send, mut recv) = self.open().await?;
         let renew = Request::Renew {
             csr,
@@ -210,11 +220,11 @@ impl Session {
         }
     }
 
-    /// Ends the login of `identity` at the broker, which revokes the refresh token at the IdP.
-    /// Returns whether the IdP confirmed the revocation.
-    pub async fn logout(&self, identity: &Bundle) -> Result<bool, EnrollError> {
+    /// Ends the login of `identity` at the broker, which revokes the refresh token at the IdP
+    /// where it can; says what became of it.
+    pub async fn logout(&self, identity: &Bundle) -> Result<Revocation, EnrollError> {
         let sealed = sealed_of(identity)?;
-        let proof = self.prove(identity, &[], sealed)?;
+        let proof = self.prove(identity, ProofOf::Logout, &[], sealed)?;
         let (mut send, mut recv) = self.open().await?;
         let logout = Request::Logout {
             sealed: sealed.expose().to_vec(),
@@ -225,7 +235,7 @@ impl Session {
             .map_err(|e| EnrollError::Lost(e.to_string()))?;
         let _ = send.finish();
         match self.read(&mut recv).await? {
-            Reply::LoggedOut { revoked } => Ok(revoked),
+            Reply::LoggedOut(revocation) => Ok(revocation),
             Reply::Failed(failure) => Err(EnrollError::Refused(failure)),
             other => Err(unexpected(&other)),
         }
@@ -240,6 +250,7 @@ impl Session {
     fn prove(
         &self,
         identity: &Bundle,
+        operation: ProofOf,
         csr: &[u8],
         sealed: &Sealed,
     ) -> Result<Vec<u8>, EnrollError> {
@@ -252,7 +263,7 @@ impl Session {
         self.connection
             .export_keying_material(&mut exported, PROOF_EXPORTER_LABEL, b"")
             .map_err(|_| EnrollError::Local("cannot export keying material".into()))?;
-        key.sign(&proof_message(&exported, csr, sealed.expose()))
+        key.sign(&proof_message(operation, &exported, csr, sealed.expose()))
             .map_err(|e| EnrollError::Local(e.to_string()))
     }
 

@@ -17,6 +17,14 @@ pub struct Home {
     dir: PathBuf,
 }
 
+/// Held while the stored identity is read, renewed and written, so that `postern up`,
+/// `postern renew` and `postern login` never use the same refresh token twice or overwrite a
+/// newer login. Released when dropped. (An advisory lock on Unix; elsewhere it excludes nothing.)
+#[derive(Debug)]
+pub struct IdentityLock {
+    _file: std::fs::File,
+}
+
 /// Why the home folder could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum HomeError {
@@ -39,6 +47,14 @@ pub enum HomeError {
     /// A file operation failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Another `postern` process holds the identity for too long.
+    #[error("cannot lock `{}` ({source}); is another `postern login` or `postern renew` stuck?", path.display())]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// The folder could not be created.
     #[error("cannot create `{}`: {source}", path.display())]
     CreateDir {
@@ -106,6 +122,43 @@ impl Home {
         self.create()?;
         store::write_secret(&self.identity_path(), &bundle.to_toml(), WriteMode::Replace)?;
         Ok(())
+    }
+
+    /// Takes the identity lock, waiting up to a minute for another process to release it.
+    pub async fn lock(&self) -> Result<IdentityLock, HomeError> {
+        self.create()?;
+        let path = self.dir.join("identity.lock");
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).truncate(false).write(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(&path).map_err(|source| StoreError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        #[cfg(unix)]
+        {
+            use rustix::fs::{FlockOperation, flock};
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                    Ok(()) => break,
+                    Err(err)
+                        if err == rustix::io::Errno::WOULDBLOCK
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    Err(err) => {
+                        return Err(HomeError::Locked {
+                            path,
+                            source: err.into(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(IdentityLock { _file: file })
     }
 
     /// Deletes the stored identity (key, certificate and sealed login).

@@ -99,7 +99,10 @@ pub async fn login(home: &Home, options: &LoginOptions) -> anyhow::Result<()> {
     session.close().await;
     let bundle = enrolled.bundle;
     let certificate = bundle.inspect()?;
-    home.store_identity(&bundle)?;
+    {
+        let _lock = home.lock().await?;
+        home.store_identity(&bundle)?;
+    }
     let who = &certificate.identity;
     println!(
         "Logged in as {} ({}) with {} after {}s.",

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use postern_certs::Bundle;
+use postern_certs::{Bundle, LineageId};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -22,14 +22,21 @@ const MAX_RETRY: Duration = Duration::from_secs(600);
 /// A certificate is not worth renewing when the login ends less than this after it.
 const WORTHWHILE: Duration = Duration::from_secs(10);
 
-/// Renews `identity` at its broker and stores the result in `home`.
-pub async fn renew(home: &Home, identity: &Bundle) -> Result<Bundle, EnrollError> {
-    let session = Session::connect_for(identity).await?;
-    let result = session.renew(identity).await;
+/// Renews the identity stored in `home` and stores the result, holding the identity lock
+/// throughout. With `lineage`, only a renewal of that login: a newer login stored meanwhile is
+/// left alone.
+pub async fn renew(home: &Home, lineage: Option<LineageId>) -> Result<Bundle, EnrollError> {
+    let local = |e: &dyn std::fmt::Display| EnrollError::Local(e.to_string());
+    let _lock = home.lock().await.map_err(|e| local(&e))?;
+    let identity = home.identity().map_err(|e| local(&e))?;
+    if lineage.is_some() && lineage_of(&identity) != lineage {
+        return Err(EnrollError::Replaced);
+    }
+    let session = Session::connect_for(&identity).await?;
+    let result = session.renew(&identity).await;
     session.close().await;
     let bundle = result?.bundle;
-    home.store_identity(&bundle)
-        .map_err(|e| EnrollError::Local(e.to_string()))?;
+    home.store_identity(&bundle).map_err(|e| local(&e))?;
     Ok(bundle)
 }
 
@@ -77,36 +84,7 @@ pub async fn keep_renewed(
         if !wait_until(at, &shutdown).await {
             return;
         }
-        // The stored identity is the newest word: `postern renew` may have rotated the refresh
-        // token meanwhile (using the old one again would make the IdP revoke the login), and a
-        // new `postern login` replaces the lineage, which this agent must not overwrite.
-        match home.identity() {
-            Ok(stored)
-                if stored.certificate != identity.certificate
-                    && lineage(&stored) == lineage(&identity) =>
-            {
-                // Renewed by `postern renew`: use it, and renew it when it is due.
-                if let Ok(credential) = stored.credential()
-                    && tunnel.renewed(&stored, credential).await.is_ok()
-                {
-                    identity = stored;
-                    continue;
-                }
-                return;
-            }
-            Ok(stored) if lineage(&stored) == lineage(&identity) => identity = stored,
-            Ok(_) => {
-                warn!(
-                    "the stored identity was replaced by a new login; restart `postern up` to use it"
-                );
-                return;
-            }
-            Err(err) => {
-                error!("cannot read the stored identity: {err}");
-                return;
-            }
-        }
-        match renew(&home, &identity).await {
+        match renew(&home, lineage_of(&identity)).await {
             Ok(renewed) => {
                 let credential = match renewed.credential() {
                     Ok(credential) => credential,
@@ -128,6 +106,12 @@ pub async fn keep_renewed(
                 identity = renewed;
                 retry = FIRST_RETRY;
             }
+            Err(EnrollError::Replaced) => {
+                warn!(
+                    "the stored identity was replaced by a new login; restart `postern up` to use it"
+                );
+                return;
+            }
             Err(err) if err.login_required() => {
                 error!("{err}; run `postern login` to log in again");
                 return;
@@ -146,7 +130,7 @@ pub async fn keep_renewed(
     }
 }
 
-fn lineage(identity: &Bundle) -> Option<postern_certs::LineageId> {
+fn lineage_of(identity: &Bundle) -> Option<LineageId> {
     identity
         .inspect()
         .ok()

@@ -572,38 +572,41 @@ impl Config {
     }
 }
 
-/// An issuer is an `https` URL without query or fragment; plain `http` only on loopback, where
-/// tokens never cross a network.
+/// An issuer is an `https` URL without query, fragment or user info (plain `http` only on
+/// loopback, where tokens never cross a network), and one a certificate can name.
 fn check_issuer(issuer: &str) -> Result<(), String> {
-    let expected = format!(
-        "`{issuer}` is not an issuer URL such as \"https://idp.example.org/realms/acme\" (https, no query or fragment)"
-    );
-    let (scheme, rest) = issuer.split_once("://").ok_or_else(|| expected.clone())?;
-    if issuer.contains(['?', '#']) || issuer.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(expected);
+    check_idp_url(issuer)?;
+    if issuer.contains(['?', '#']) {
+        return Err(format!(
+            "`{issuer}` is not an issuer URL such as \"https://idp.example.org/realms/acme\" (no query or fragment)"
+        ));
     }
-    let authority = rest.split('/').next().unwrap_or_default();
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => authority.split(':').next().unwrap_or_default(),
+    postern_certs::UserId::new(issuer, "subject")
+        .map(|_| ())
+        .map_err(|e| format!("cannot name people in certificates: {e}"))
+}
+
+/// Checks a URL the broker sends tokens or secrets to: `https`, or `http` to a loopback
+/// address; no user name or password in it.
+pub fn check_idp_url(text: &str) -> Result<(), String> {
+    use openidconnect::url::{Host, Url};
+    let url = Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("`{text}` must not carry a user name or password"));
+    }
+    let loopback = match url.host() {
+        Some(Host::Domain(name)) => name == "localhost",
+        Some(Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(Host::Ipv6(ip)) => ip.is_loopback(),
+        None => return Err(format!("`{text}` names no host")),
     };
-    if host.is_empty() {
-        return Err(expected);
-    }
-    match scheme {
+    match url.scheme() {
         "https" => Ok(()),
-        "http"
-            if host == "localhost"
-                || host
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback()) =>
-        {
-            Ok(())
-        }
+        "http" if loopback => Ok(()),
         "http" => Err(format!(
-            "`{issuer}` uses plain http: tokens would cross the network unencrypted; use https (plain http is accepted only on loopback)"
+            "`{text}` uses plain http: tokens would cross the network unencrypted; use https (plain http is accepted only on loopback)"
         )),
-        _ => Err(expected),
+        other => Err(format!("`{text}`: `{other}` is not https")),
     }
 }
 

@@ -20,8 +20,8 @@ use postern_certs::{
 };
 use postern_policy::{Decision, LoginAction, LoginRequest};
 use postern_proto::{
-    DeviceCode, FailCode, Failure, Issued, PROOF_EXPORTER_LABEL, PROOF_EXPORTER_LEN, Reply,
-    Request, ResetCode, Welcome, proof_message,
+    DeviceCode, FailCode, Failure, Issued, MAX_SEALED_LEN, PROOF_EXPORTER_LABEL,
+    PROOF_EXPORTER_LEN, ProofOf, Reply, Request, ResetCode, Revocation, Welcome, proof_message,
 };
 use postern_transport::{read_frame, reset_code, write_frame};
 use quinn::{Connection, RecvStream, SendStream};
@@ -61,6 +61,7 @@ pub struct Enrollment {
     ca: ClientCa,
     pending_total: AtomicUsize,
     pending_by_source: Mutex<HashMap<IpAddr, usize>>,
+    connections: AtomicUsize,
 }
 
 /// The result of one enrollment operation, before it is audited and answered.
@@ -76,6 +77,19 @@ struct Outcome {
     certificate: Option<(String, SystemTime)>,
     session_ends: Option<SystemTime>,
     revoked: Option<bool>,
+}
+
+/// Enrollment connections open at once; more are closed at once. Each is cheap (its streams are
+/// served one at a time), and logins waiting at the IdP are limited on their own.
+const MAX_CONNECTIONS: usize = 4096;
+
+/// Counts an open enrollment connection for as long as it lives.
+struct ConnectionCount<'a>(&'a AtomicUsize);
+
+impl Drop for ConnectionCount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A pending login, counted for as long as it lives.
@@ -118,6 +132,7 @@ impl Enrollment {
             ca,
             pending_total: AtomicUsize::new(0),
             pending_by_source: Mutex::new(HashMap::new()),
+            connections: AtomicUsize::new(0),
         })
     }
 
@@ -138,6 +153,7 @@ impl Enrollment {
     }
 
     fn reserve(&self, source: IpAddr, config: &Config) -> Option<PendingSlot<'_>> {
+        let source = source_key(source);
         let mut by_source = self.pending_by_source.lock().ok()?;
         let here = by_source.entry(source).or_insert(0);
         if *here >= config.login.max_pending_per_source
@@ -170,6 +186,20 @@ impl Drop for PendingSlot<'_> {
     }
 }
 
+/// Where a login comes from, for the per-source limit: the IPv4 address, or the IPv6 /64 (one
+/// host usually holds a whole /64).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+        v4 => v4,
+    }
+}
+
 /// Serves an enrollment connection: its streams one after the other.
 pub(crate) async fn serve_connection(
     connection: Connection,
@@ -177,6 +207,16 @@ pub(crate) async fn serve_connection(
     shared: Arc<Shared>,
 ) {
     debug!(client.addr = %source, "enrollment connection");
+    let open = shared
+        .enrollment
+        .connections
+        .fetch_add(1, Ordering::Relaxed);
+    let _counted = ConnectionCount(&shared.enrollment.connections);
+    if open >= MAX_CONNECTIONS {
+        debug!(client.addr = %source, "too many enrollment connections; closing");
+        connection.close(0u32.into(), b"busy: try again later");
+        return;
+    }
     for _ in 0..MAX_STREAMS_PER_CONNECTION {
         let accepted = tokio::select! {
             accepted = connection.accept_bi() => accepted,
@@ -433,6 +473,7 @@ async fn login(
         amr: claims.amr.clone(),
         acr: claims.acr.clone(),
         auth_time: unix_seconds(claims.auth_time),
+        auth_time_reported: claims.auth_time_present,
         session_ends: unix_seconds(session_ends),
         lineage: lineage.to_string(),
         device: device_id.to_string(),
@@ -465,7 +506,7 @@ async fn renew(
         Ok(configured) => configured,
         Err(failure) => return outcome.failed(failure),
     };
-    let mut contents = match open_and_prove(connection, seal, sealed, csr, proof) {
+    let mut contents = match open_and_prove(connection, seal, sealed, ProofOf::Renew, csr, proof) {
         Ok(contents) => contents,
         Err((code, reason)) => return outcome.fail(code, &reason),
     };
@@ -474,8 +515,20 @@ async fn renew(
         Ok(key) => key,
         Err(failure) => return outcome.failed(failure),
     };
+    if contents.issuer != idp.issuer() {
+        return outcome.fail(
+            FailCode::LoginRequired,
+            &format!(
+                "this login is from another identity provider ({}); run `postern login`",
+                contents.issuer
+            ),
+        );
+    }
     let now = SystemTime::now();
-    let session_ends = unix(contents.session_ends);
+    // A lower maximum session age applies to logins made before it was lowered.
+    let session_ends = unix(contents.session_ends)
+        .min(unix(contents.auth_time) + shared.config.login.max_session_age);
+    contents.session_ends = unix_seconds(session_ends);
     if session_ends <= now + MIN_LIFETIME {
         return outcome.fail(
             FailCode::LoginRequired,
@@ -490,6 +543,16 @@ async fn renew(
             FailCode::LoginRequired,
             "the identity provider gave no refresh token for this login; run `postern login`",
         );
+    }
+    // Policy first, on what the login already says: a refused renewal must not spend (and, with
+    // rotating refresh tokens, lose) the refresh token. Policy is asked again on the IdP's answer.
+    if let Some(identity) = &outcome.identity {
+        let decision = decide(LoginAction::Renew, source, shared, identity, &contents, now);
+        if !decision.is_allowed() {
+            let reason = refusal_reason(&identity.auth.amr);
+            outcome.decision = Some(decision);
+            return outcome.fail(FailCode::NotPermitted, &reason);
+        }
     }
     let tokens = match idp.refresh(&contents.refresh_token).await {
         Ok(tokens) => tokens,
@@ -543,25 +606,26 @@ async fn logout(connection: &Connection, shared: &Shared, sealed: &[u8], proof: 
         Ok(configured) => configured,
         Err(failure) => return outcome.failed(failure),
     };
-    let contents = match open_and_prove(connection, seal, sealed, &[], proof) {
+    let contents = match open_and_prove(connection, seal, sealed, ProofOf::Logout, &[], proof) {
         Ok(contents) => contents,
         Err((code, reason)) => return outcome.fail(code, &reason),
     };
     outcome.identity = identity_of(&contents).ok();
-    let revoked = if contents.refresh_token.is_empty() {
-        false
+    let revocation = if contents.refresh_token.is_empty() || contents.issuer != idp.issuer() {
+        Revocation::Unsupported
     } else {
         match idp.revoke(&contents.refresh_token).await {
-            Ok(revoked) => revoked,
+            Ok(true) => Revocation::Revoked,
+            Ok(false) => Revocation::Unsupported,
             Err(err) => {
                 warn!(error = %err, "cannot revoke the refresh token at the identity provider");
                 outcome.detail = Some(format!("revocation failed: {err}"));
-                false
+                Revocation::Failed
             }
         }
     };
-    outcome.revoked = Some(revoked);
-    outcome.reply = Ok(Reply::LoggedOut { revoked });
+    outcome.revoked = Some(revocation == Revocation::Revoked);
+    outcome.reply = Ok(Reply::LoggedOut(revocation));
     outcome
 }
 
@@ -581,6 +645,7 @@ fn open_and_prove(
     connection: &Connection,
     seal: &SealKey,
     sealed: &[u8],
+    operation: ProofOf,
     csr: &[u8],
     proof: &[u8],
 ) -> Result<Sealed, (FailCode, String)> {
@@ -607,7 +672,7 @@ fn open_and_prove(
                 "cannot export keying material".to_owned(),
             )
         })?;
-    key.verify(&proof_message(&exported, csr, sealed), proof)
+    key.verify(&proof_message(operation, &exported, csr, sealed), proof)
         .map_err(|_| {
             (
                 FailCode::NotPermitted,
@@ -644,19 +709,7 @@ fn certify(
     outcome.identity = Some(identity.clone());
     let session_ends = unix(contents.session_ends);
     outcome.session_ends = Some(session_ends);
-    let principal = crate::serve::principal(&identity);
-    let authentication = crate::serve::authentication(&identity);
-    let device = identity.auth.device.to_string();
-    let decision = shared.policies.authorize_login(&LoginRequest {
-        action,
-        principal: &principal,
-        authentication: &authentication,
-        email_verified: contents.email_verified,
-        device: &device,
-        broker: &shared.config.hostname,
-        source: source.ip(),
-        now,
-    });
+    let decision = decide(action, source, shared, &identity, &contents, now);
     let allowed = decision.is_allowed();
     outcome.decision = Some(decision);
     if !allowed {
@@ -678,20 +731,19 @@ fn certify(
             ),
         );
     };
-    let issued = enrollment_issue(&shared.enrollment.ca, &identity, key, now, lifetime);
-    let certificate = match issued {
-        Ok(certificate) => certificate,
-        Err(err) => {
-            return outcome.fail_detailed(
-                FailCode::Internal,
-                "the broker could not sign the certificate",
-                err,
-            );
-        }
-    };
-    let contents_sealed = if sealable {
+    let sealed = if sealable {
         match seal.seal(&contents) {
-            Ok(sealed) => Some(sealed),
+            Ok(sealed) if sealed.len() <= MAX_SEALED_LEN => Some(sealed),
+            Ok(sealed) => {
+                return outcome.fail_detailed(
+                    FailCode::IdpError,
+                    "the identity provider's refresh token is too large to hand to this device; ask your admin",
+                    format!(
+                        "the sealed login is {} bytes, more than the {MAX_SEALED_LEN} the protocol carries",
+                        sealed.len()
+                    ),
+                );
+            }
             Err(err) => {
                 return outcome.fail_detailed(
                     FailCode::Internal,
@@ -703,37 +755,59 @@ fn certify(
     } else {
         None
     };
+    // Nothing is left out to make it fit: policy that forbids by group must see every group.
+    let certificate = match shared.enrollment.ca.issue(&identity, key, now, lifetime) {
+        Ok(certificate) => certificate,
+        Err(postern_certs::IssueError::Identity(err)) => {
+            return outcome.fail_detailed(
+                FailCode::IdpError,
+                "your identity (groups, name) at the identity provider is too large for a certificate; ask your admin \
+                 to send only the groups policy uses",
+                err.to_string(),
+            );
+        }
+        Err(err) => {
+            return outcome.fail_detailed(
+                FailCode::Internal,
+                "the broker could not sign the certificate",
+                err.to_string(),
+            );
+        }
+    };
     if let Ok(inspected) = postern_certs::inspect_unverified(&certificate) {
         outcome.certificate = Some((inspected.serial, inspected.not_after));
     }
     outcome.reply = Ok(Reply::Issued(Issued {
         chain: vec![certificate.to_vec()],
-        sealed: contents_sealed,
+        sealed,
         session_ends: contents.session_ends,
     }));
     outcome
 }
 
-/// Signs the certificate; when the groups make the identity too large for the certificate, signs
-/// it without them (the security team's entity data is the live source of groups anyway).
-fn enrollment_issue(
-    ca: &ClientCa,
+/// Asks Cedar `enroll` or `renew` about `identity`, the login `login` describes.
+fn decide(
+    action: LoginAction,
+    source: SocketAddr,
+    shared: &Shared,
     identity: &Identity,
-    key: &PublicKey,
+    login: &Sealed,
     now: SystemTime,
-    lifetime: Duration,
-) -> Result<rustls_pki_types::CertificateDer<'static>, String> {
-    match ca.issue(identity, key, now, lifetime) {
-        Ok(certificate) => Ok(certificate),
-        Err(first) if !identity.groups.is_empty() => {
-            warn!(error = %first, "the identity does not fit in a certificate with its groups; issuing it without them");
-            let mut without = identity.clone();
-            without.groups.clear();
-            ca.issue(&without, key, now, lifetime)
-                .map_err(|e| e.to_string())
-        }
-        Err(err) => Err(err.to_string()),
-    }
+) -> Decision {
+    let principal = crate::serve::principal(identity);
+    let authentication = crate::serve::authentication(identity);
+    let device = identity.auth.device.to_string();
+    shared.policies.authorize_login(&LoginRequest {
+        action,
+        principal: &principal,
+        authentication: &authentication,
+        email_verified: login.email_verified,
+        auth_time_reported: login.auth_time_reported,
+        device: &device,
+        broker: &shared.config.hostname,
+        source: source.ip(),
+        now,
+    })
 }
 
 /// The identity a sealed login stands for.
@@ -779,6 +853,13 @@ enum Refused {
 fn refused(outcome: Outcome, refused: Refused) -> Outcome {
     match refused {
         Refused::Idp(err) => idp_failure(outcome, &err),
+        Refused::Token(TokenError::Unusable(claim, why)) => outcome.fail_detailed(
+            FailCode::IdpError,
+            &format!(
+                "the identity provider's `{claim}` for you cannot be used ({why}); ask your admin"
+            ),
+            format!("ID token refused: `{claim}`: {why}"),
+        ),
         Refused::Token(err) => {
             warn!(error = %err, "ID token refused");
             outcome.fail_detailed(
@@ -812,6 +893,11 @@ fn idp_failure(outcome: Outcome, err: &IdpError) -> Outcome {
         IdpError::InvalidGrant(_) => outcome.fail_detailed(
             FailCode::LoginRequired,
             "the identity provider no longer accepts this login (it ended or was revoked there); run `postern login`",
+            detail,
+        ),
+        IdpError::OtherPerson(_) => outcome.fail_detailed(
+            FailCode::NotPermitted,
+            "the identity provider answered for another person; run `postern login`",
             detail,
         ),
         IdpError::Client(_) | IdpError::Discovery(_) => outcome.fail_detailed(
@@ -867,6 +953,16 @@ fn unix_seconds(time: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_are_counted_by_ipv4_address_or_ipv6_64() {
+        let key = |text: &str| source_key(text.parse().unwrap()).to_string();
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    }
 
     #[test]
     fn refusals_name_the_missing_second_factor() {

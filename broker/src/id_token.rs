@@ -26,11 +26,11 @@ pub const MAX_JWKS_LEN: usize = 256 * 1024;
 /// Clock difference tolerated for `exp`, `nbf` and `iat`.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
-/// Least time between two fetches of the JWKS caused by an unknown `kid`.
+/// Least time between two fetches of the JWKS.
 const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Most groups taken from a token.
-const MAX_GROUPS: usize = 64;
+/// Keys older than this are fetched again before they are used.
+pub const MAX_KEY_AGE: Duration = Duration::from_secs(3600);
 
 /// Algorithms accepted: asymmetric only.
 const ALGORITHMS: &[Algorithm] = &[
@@ -127,6 +127,9 @@ pub enum TokenError {
     /// `nbf` or `iat` is in the future.
     #[error("the ID token is not valid yet ({0} in the future)")]
     NotYetValid(&'static str),
+    /// A claim policy decides on cannot be carried whole in a certificate.
+    #[error("the ID token's `{0}` cannot be used: {1}")]
+    Unusable(&'static str, String),
     /// Fetching the issuer's keys failed.
     #[error("cannot fetch the issuer's keys: {0}")]
     Jwks(String),
@@ -342,19 +345,50 @@ fn check_claims(
     if auth_time_claim.is_some_and(|t| t > now + CLOCK_SKEW) {
         return Err(TokenError::NotYetValid("auth_time"));
     }
-    let strings = |name: &str, max: usize| -> Vec<String> {
-        match claims.get(name) {
-            Some(Value::Array(items)) => items
-                .iter()
-                .filter_map(Value::as_str)
-                .filter(|s| !s.is_empty() && s.len() <= 255 && !s.chars().any(char::is_control))
-                .take(max)
-                .map(str::to_owned)
-                .collect(),
-            Some(Value::String(one)) if !one.is_empty() && one.len() <= 255 => vec![one.clone()],
-            _ => Vec::new(),
+    // Lists that policy decides on are taken whole or refused: a silently shortened list of
+    // groups would make `forbid … in Group::"…"` miss.
+    let list = |name: &'static str,
+                max: usize,
+                max_len: usize|
+     -> Result<Vec<String>, TokenError> {
+        let unusable = |why: String| TokenError::Unusable(name, why);
+        let items: Vec<&Value> = match claims.get(name) {
+            None | Some(Value::Null) => return Ok(Vec::new()),
+            Some(Value::Array(items)) => items.iter().collect(),
+            Some(one @ Value::String(_)) => vec![one],
+            Some(_) => return Err(unusable("it is not a list of strings".into())),
+        };
+        if items.len() > max {
+            return Err(unusable(format!(
+                "it has {} values; a certificate carries at most {max}",
+                items.len()
+            )));
         }
+        items
+            .into_iter()
+            .map(|item| match item.as_str() {
+                Some(s)
+                    if !s.is_empty() && s.len() <= max_len && !s.chars().any(char::is_control) =>
+                {
+                    Ok(s.to_owned())
+                }
+                _ => Err(unusable(format!(
+                    "a value is not a printable string of 1 to {max_len} bytes"
+                ))),
+            })
+            .collect()
     };
+    // Entra ID leaves `groups` out of a token for people in many groups and says so here.
+    if claims
+        .get("_claim_names")
+        .and_then(Value::as_object)
+        .is_some_and(|names| names.contains_key("groups"))
+    {
+        return Err(TokenError::Unusable(
+            "groups",
+            "the identity provider left the groups out (too many; `_claim_names`): send only the groups policy uses".into(),
+        ));
+    }
     // Some IdPs send booleans as strings.
     let email_verified = match claims.get("email_verified") {
         Some(Value::Bool(b)) => *b,
@@ -366,17 +400,39 @@ fn check_claims(
             .filter(|s| s.len() <= max && !s.chars().any(char::is_control))
             .map(str::to_owned)
     };
+    let acr = match string("acr") {
+        None => None,
+        Some(acr)
+            if acr.len() <= postern_certs::MAX_TEXT_LEN && !acr.chars().any(char::is_control) =>
+        {
+            Some(acr.to_owned())
+        }
+        Some(_) => {
+            return Err(TokenError::Unusable(
+                "acr",
+                format!(
+                    "it is longer than {} bytes or unprintable",
+                    postern_certs::MAX_TEXT_LEN
+                ),
+            ));
+        }
+    };
     Ok(Claims {
         issuer: issuer.to_owned(),
         subject: subject.to_owned(),
         auth_time: auth_time_claim.unwrap_or(iat),
         auth_time_present: auth_time_claim.is_some(),
-        amr: strings("amr", postern_certs::MAX_AMR),
-        acr: text("acr", 255),
+        amr: list("amr", postern_certs::MAX_AMR, postern_certs::MAX_AMR_LEN)?,
+        acr,
+        // Display attributes that do not fit are left out; policy sees them absent.
         email: text("email", postern_certs::MAX_EMAIL_LEN),
         email_verified,
         name: text("name", postern_certs::MAX_TEXT_LEN),
-        groups: strings("groups", MAX_GROUPS.min(postern_certs::MAX_GROUPS)),
+        groups: list(
+            "groups",
+            postern_certs::MAX_GROUPS,
+            postern_certs::MAX_GROUP_LEN,
+        )?,
     })
 }
 
@@ -387,9 +443,23 @@ fn check_claims(
 pub struct Keys {
     uri: String,
     http: reqwest::Client,
-    cached: RwLock<Vec<Jwk>>,
-    /// Held while fetching; holds when the last fetch ended.
-    fetching: Mutex<Option<Instant>>,
+    cache: RwLock<KeyCache>,
+    /// Held while fetching, so that one task at a time fetches.
+    fetching: Mutex<()>,
+}
+
+/// The keys as last fetched.
+#[derive(Debug, Default)]
+struct KeyCache {
+    keys: Vec<Jwk>,
+    /// When the last fetch ended, successful or not.
+    fetched: Option<Instant>,
+    /// When keys were last fetched successfully.
+    fresh: Option<Instant>,
+    /// Counts fetches, so that a task that waited for another's fetch knows it happened.
+    generation: u64,
+    /// Why the last fetch failed, if it did.
+    last_error: Option<String>,
 }
 
 impl Keys {
@@ -398,46 +468,82 @@ impl Keys {
         Self {
             uri,
             http,
-            cached: RwLock::new(Vec::new()),
-            fetching: Mutex::new(None),
+            cache: RwLock::new(KeyCache::default()),
+            fetching: Mutex::new(()),
         }
     }
 
-    /// Verifies `token`, fetching the keys again once if it names a key not yet known.
+    /// Verifies `token`: with the cached keys, fetched again first when they are older than
+    /// [`MAX_KEY_AGE`] (so that a key the issuer withdrew stops working), and once more when the
+    /// token names a key not yet known.
     pub async fn verify(
         &self,
         token: &str,
         expected: &Expected<'_>,
         now: SystemTime,
     ) -> Result<Claims, TokenError> {
-        let first = verify(token, &self.cached.read().await, expected, now);
+        let (stale, generation) = {
+            let cache = self.cache.read().await;
+            let stale = cache.fresh.is_none_or(|at| at.elapsed() > MAX_KEY_AGE);
+            (stale, cache.generation)
+        };
+        if stale {
+            self.refresh(generation).await;
+        }
+        let (first, generation) = {
+            let cache = self.cache.read().await;
+            (verify(token, &cache.keys, expected, now), cache.generation)
+        };
         match first {
-            Err(TokenError::UnknownKey(_)) => {
-                let seen = self.cached.read().await.len();
-                self.refresh(seen).await?;
-                verify(token, &self.cached.read().await, expected, now)
+            Err(TokenError::UnknownKey(kid)) => {
+                self.refresh(generation).await;
+                let cache = self.cache.read().await;
+                match verify(token, &cache.keys, expected, now) {
+                    // Say why the keys could not be had, rather than that the key is unknown.
+                    Err(TokenError::UnknownKey(_)) if cache.last_error.is_some() => Err(
+                        TokenError::Jwks(cache.last_error.clone().unwrap_or_default()),
+                    ),
+                    Err(TokenError::UnknownKey(_)) => Err(TokenError::UnknownKey(kid)),
+                    other => other,
+                }
             }
             other => other,
         }
     }
 
-    async fn refresh(&self, seen: usize) -> Result<(), TokenError> {
-        let mut last = self.fetching.lock().await;
-        // Another task may have fetched while this one waited for the lock.
-        if self.cached.read().await.len() != seen {
-            return Ok(());
-        }
-        if last.is_some_and(|at| at.elapsed() < MIN_REFETCH_INTERVAL) {
-            return Ok(());
+    /// Fetches the keys unless another task did since `seen`, or a fetch ended less than
+    /// [`MIN_REFETCH_INTERVAL`] ago. A failed fetch keeps the keys there were.
+    async fn refresh(&self, seen: u64) {
+        let _fetching = self.fetching.lock().await;
+        {
+            let cache = self.cache.read().await;
+            if cache.generation != seen
+                || cache
+                    .fetched
+                    .is_some_and(|at| at.elapsed() < MIN_REFETCH_INTERVAL)
+            {
+                return;
+            }
         }
         let result = self.fetch().await;
-        *last = Some(Instant::now());
-        *self.cached.write().await = result?;
-        Ok(())
+        let mut cache = self.cache.write().await;
+        cache.generation += 1;
+        cache.fetched = Some(Instant::now());
+        match result {
+            Ok(keys) => {
+                cache.keys = keys;
+                cache.fresh = cache.fetched;
+                cache.last_error = None;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot fetch the identity provider's keys");
+                cache.last_error = Some(err);
+            }
+        }
     }
 
-    async fn fetch(&self) -> Result<Vec<Jwk>, TokenError> {
-        let error = |e: &dyn std::fmt::Display| TokenError::Jwks(e.to_string());
+    async fn fetch(&self) -> Result<Vec<Jwk>, String> {
+        let error = |e: &dyn std::fmt::Display| e.to_string();
         let response = self
             .http
             .get(&self.uri)

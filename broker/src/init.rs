@@ -163,9 +163,7 @@ pub fn init(options: &InitOptions, now: SystemTime) -> Result<PathBuf, InitError
     )?;
     write_secret(
         &pki.join("seal.key"),
-        &crate::seal::SealKey::generate()
-            .map_err(|e| generate(&e))?
-            .to_file_text(),
+        &crate::seal::SealKey::generate_file_text().map_err(|e| generate(&e))?,
         WriteMode::CreateNew,
     )?;
     write_secret(
@@ -247,6 +245,7 @@ mod tests {
                 principal: &principal,
                 authentication: &authentication,
                 email_verified: false,
+                auth_time_reported: true,
                 device: "00",
                 broker: "gw.example.org",
                 source: IpAddr::V4(Ipv4Addr::LOCALHOST),

@@ -4,9 +4,11 @@
 //! Tokens travel between the IdP and the broker only. Every IdP error becomes an [`IdpError`]
 //! whose message a person can act on; the enrollment code turns it into a failure code.
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openidconnect::core::{
     CoreAuthDisplay, CoreClaimName, CoreClaimType, CoreClient, CoreClientAuthMethod,
@@ -14,11 +16,12 @@ use openidconnect::core::{
     CoreJweContentEncryptionAlgorithm, CoreJweKeyManagementAlgorithm, CoreResponseMode,
     CoreResponseType, CoreRevocableToken, CoreSubjectIdentifierType, CoreTokenResponse,
 };
+use openidconnect::http::StatusCode;
 use openidconnect::{
     AccessToken, AdditionalProviderMetadata, ClientId, ClientSecret, DeviceAuthorizationUrl,
-    EndpointMaybeSet, EndpointNotSet, EndpointSet, IssuerUrl, OAuth2TokenResponse,
-    ProviderMetadata, RefreshToken, RequestTokenError, RevocationUrl, Scope, SubjectIdentifier,
-    TokenResponse,
+    EndpointMaybeSet, EndpointNotSet, EndpointSet, HttpRequest, HttpResponse, IssuerUrl,
+    OAuth2TokenResponse, ProviderMetadata, RefreshToken, RequestTokenError, RevocationUrl, Scope,
+    SubjectIdentifier, TokenResponse, UserInfoError,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -29,8 +32,25 @@ use crate::id_token::Keys;
 /// Time allowed for one HTTP request to the IdP.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Largest discovery document or error body read.
+/// Largest answer read from the IdP (discovery, tokens, userinfo, errors).
 const MAX_BODY: usize = 256 * 1024;
+
+/// Shortest wait between two polls of the token endpoint.
+const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A request to the IdP in flight.
+type HttpCall = Pin<Box<dyn Future<Output = Result<HttpResponse, HttpError>> + Send + 'static>>;
+
+/// Why an HTTP request to the IdP failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// Connecting, TLS, timeouts.
+    #[error(transparent)]
+    Request(#[from] reqwest::Error),
+    /// The answer is unusable (too large, malformed).
+    #[error("{0}")]
+    Answer(String),
+}
 
 /// The IdP as configured; discovered on first use and again after a failed discovery.
 #[derive(Debug)]
@@ -38,8 +58,19 @@ pub struct Idp {
     config: Oidc,
     http: reqwest::Client,
     client_secret: Option<ClientSecret>,
-    discovered: Mutex<Option<Arc<Discovered>>>,
+    discovered: Mutex<Discovery>,
 }
+
+/// The result of discovery: kept when it worked, remembered briefly when it failed, so that
+/// logins queued behind a failing attempt fail at once instead of each waiting for a timeout.
+#[derive(Debug, Default)]
+struct Discovery {
+    done: Option<Arc<Discovered>>,
+    failed: Option<(Instant, IdpError)>,
+}
+
+/// How long a failed discovery is answered from memory before it is tried again.
+const DISCOVERY_RETRY: Duration = Duration::from_secs(10);
 
 /// What discovery found.
 #[derive(Debug)]
@@ -117,6 +148,9 @@ pub enum IdpError {
     /// The IdP refused the broker's client (registration or secret).
     #[error("the identity provider refused the broker's client registration: {0}")]
     Client(String),
+    /// The IdP answered for another subject than the login's.
+    #[error("the identity provider answered for another person ({0})")]
+    OtherPerson(String),
     /// Any other error answer or an unparsable one.
     #[error("the identity provider answered with an error: {0}")]
     Other(String),
@@ -156,7 +190,7 @@ impl Idp {
             config: config.clone(),
             http,
             client_secret,
-            discovered: Mutex::new(None),
+            discovered: Mutex::new(Discovery::default()),
         })
     }
 
@@ -173,18 +207,39 @@ impl Idp {
     /// Discovery, done once; a failure is not cached, so the next login tries again.
     pub async fn discovered(&self) -> Result<Arc<Discovered>, IdpError> {
         let mut slot = self.discovered.lock().await;
-        if let Some(discovered) = slot.as_ref() {
+        if let Some(discovered) = &slot.done {
             return Ok(discovered.clone());
         }
-        let discovered = Arc::new(self.discover().await?);
-        *slot = Some(discovered.clone());
-        Ok(discovered)
+        if let Some((at, err)) = &slot.failed
+            && at.elapsed() < DISCOVERY_RETRY
+        {
+            return Err(err.clone());
+        }
+        match self.discover().await {
+            Ok(discovered) => {
+                let discovered = Arc::new(discovered);
+                *slot = Discovery {
+                    done: Some(discovered.clone()),
+                    failed: None,
+                };
+                Ok(discovered)
+            }
+            Err(err) => {
+                slot.failed = Some((Instant::now(), err.clone()));
+                Err(err)
+            }
+        }
+    }
+
+    /// The HTTP client the OAuth library calls: bodies read up to a limit, no redirects.
+    fn http(&self) -> impl Fn(HttpRequest) -> HttpCall + '_ {
+        |request| Box::pin(call(self.http.clone(), request))
     }
 
     async fn discover(&self) -> Result<Discovered, IdpError> {
         let issuer = IssuerUrl::new(self.config.issuer.clone())
             .map_err(|e| IdpError::Discovery(format!("the issuer URL is invalid: {e}")))?;
-        let metadata = Metadata::discover_async(issuer, &self.http)
+        let metadata = Metadata::discover_async(issuer, &self.http())
             .await
             .map_err(|e| match e {
                 openidconnect::DiscoveryError::Request(e) => {
@@ -200,6 +255,19 @@ impl Idp {
             )
         })?;
         let jwks_uri = metadata.jwks_uri().url().to_string();
+        // Tokens, secrets and keys travel only as the issuer itself may be reached.
+        let mut endpoints = vec![jwks_uri.clone(), device.url().to_string()];
+        endpoints.extend(metadata.token_endpoint().map(|u| u.url().to_string()));
+        endpoints.extend(metadata.userinfo_endpoint().map(|u| u.url().to_string()));
+        endpoints.extend(
+            extra
+                .revocation_endpoint
+                .as_ref()
+                .map(|u| u.url().to_string()),
+        );
+        for endpoint in &endpoints {
+            crate::config::check_idp_url(endpoint).map_err(IdpError::Discovery)?;
+        }
         let client = CoreClient::from_provider_metadata(
             metadata,
             ClientId::new(self.config.client_id.clone()),
@@ -226,7 +294,7 @@ impl Idp {
             .client
             .exchange_device_code()
             .add_scopes(scopes)
-            .request_async(&self.http)
+            .request_async(&self.http())
             .await
             .map_err(|e| token_error(&self.config.issuer, e))?;
         Ok(DeviceAuthorization { response })
@@ -252,7 +320,8 @@ impl Idp {
                 &self.http,
                 |wait| async move {
                     on_poll();
-                    tokio::time::sleep(wait).await;
+                    // An IdP that says `interval: 0` does not get a tight loop.
+                    tokio::time::sleep(wait.max(MIN_POLL_INTERVAL)).await;
                 },
                 Some(device.expires_in()),
             )
@@ -286,7 +355,7 @@ impl Idp {
             .client
             .exchange_refresh_token(&token)
             .map_err(|e| IdpError::Discovery(e.to_string()))?
-            .request_async(&self.http)
+            .request_async(&self.http())
             .await
             .map_err(|e| token_error(&self.config.issuer, e))?;
         Ok(Tokens::from(&response))
@@ -309,9 +378,28 @@ impl Idp {
                 )
             })?;
         let _claims: openidconnect::core::CoreUserInfoClaims = request
-            .request_async(&self.http)
+            .request_async(&self.http())
             .await
-            .map_err(|e| IdpError::InvalidGrant(format!("userinfo: {}", error_chain(&e))))?;
+            .map_err(|e| match e {
+                UserInfoError::Request(e) => {
+                    IdpError::Unavailable(self.config.issuer.clone(), error_chain(&e))
+                }
+                UserInfoError::Response(status, _, _)
+                    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN =>
+                {
+                    IdpError::InvalidGrant(format!("userinfo answered {status}"))
+                }
+                UserInfoError::Response(status, _, _) if status.is_server_error() => {
+                    IdpError::Unavailable(
+                        self.config.issuer.clone(),
+                        format!("userinfo answered {status}"),
+                    )
+                }
+                UserInfoError::ClaimsVerification(e) => {
+                    IdpError::OtherPerson(format!("userinfo: {}", error_chain(&e)))
+                }
+                other => IdpError::Other(format!("userinfo: {}", error_chain(&other))),
+            })?;
         Ok(())
     }
 
@@ -328,7 +416,7 @@ impl Idp {
                 refresh_token.to_owned(),
             )))
             .map_err(|e| IdpError::Discovery(e.to_string()))?
-            .request_async(&self.http)
+            .request_async(&self.http())
             .await
             .map_err(|e| match e {
                 RequestTokenError::Request(e) => {
@@ -393,6 +481,22 @@ impl std::fmt::Debug for Tokens {
             )
             .finish_non_exhaustive()
     }
+}
+
+/// Sends `request` with `client` and reads an answer of at most [`MAX_BODY`] bytes.
+async fn call(client: reqwest::Client, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+    let request = reqwest::Request::try_from(request)?;
+    let response = client.execute(request).await?;
+    let mut builder = openidconnect::http::Response::builder().status(response.status());
+    for (name, value) in response.headers() {
+        builder = builder.header(name, value);
+    }
+    let body = read_limited(response, MAX_BODY)
+        .await
+        .map_err(HttpError::Answer)?;
+    builder
+        .body(body)
+        .map_err(|e| HttpError::Answer(e.to_string()))
 }
 
 /// Reads a response body of at most `limit` bytes.

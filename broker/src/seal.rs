@@ -1,6 +1,7 @@
 //! Sealing refresh tokens: what an agent keeps to renew, readable only by the broker.
 //!
-//! A sealed token is `version ‖ key id (8) ‖ nonce (12) ‖ AES-256-GCM ciphertext`. The plaintext
+//! A sealed token is `version ‖ key id (8) ‖ nonce (12) ‖ AES-256-GCM ciphertext`, the header
+//! authenticated as associated data with a fixed label. The plaintext
 //! is JSON ([`Sealed`]): the refresh token with everything a renewal must keep — who, how they
 //! authenticated, the lineage and device, the key the agent must prove it holds, and when the
 //! login ends. A copy stolen from a laptop renews nothing without that key, and nothing at all
@@ -21,11 +22,10 @@ const HEADER_LEN: usize = 1 + KEY_ID_LEN + NONCE_LEN;
 const AAD: &[u8] = b"postern sealed refresh token v1";
 const FILE_LABEL: &str = "postern-seal-key-v1:";
 
-/// The key that seals refresh tokens.
+/// The key that seals refresh tokens. It keeps only ring's key schedule, never the raw bytes.
 pub struct SealKey {
     id: [u8; KEY_ID_LEN],
     key: LessSafeKey,
-    bytes: [u8; 32],
 }
 
 /// What a sealed token holds.
@@ -52,6 +52,8 @@ pub struct Sealed {
     pub acr: Option<String>,
     /// When the person authenticated, in seconds since the Unix epoch.
     pub auth_time: u64,
+    /// Whether the IdP reported `auth_time` (otherwise it is the token's `iat`).
+    pub auth_time_reported: bool,
     /// When the login ends, in seconds since the Unix epoch.
     pub session_ends: u64,
     /// The lineage, hex.
@@ -83,13 +85,15 @@ pub enum SealError {
 }
 
 impl SealKey {
-    /// A fresh random key.
-    pub fn generate() -> Result<Self, SealError> {
+    /// A fresh random key, as the text of its key file.
+    pub fn generate_file_text() -> Result<String, SealError> {
         let mut bytes = [0; 32];
         SystemRandom::new()
             .fill(&mut bytes)
             .map_err(|_| SealError::Random)?;
-        Self::from_bytes(bytes)
+        let text = format!("{FILE_LABEL}{}\n", STANDARD.encode(bytes));
+        bytes.fill(0);
+        Ok(text)
     }
 
     /// Reads the text of a key file.
@@ -106,12 +110,7 @@ impl SealKey {
         Self::from_bytes(bytes)
     }
 
-    /// The text of a key file.
-    pub fn to_file_text(&self) -> String {
-        format!("{FILE_LABEL}{}\n", STANDARD.encode(self.bytes))
-    }
-
-    fn from_bytes(bytes: [u8; 32]) -> Result<Self, SealError> {
+    fn from_bytes(mut bytes: [u8; 32]) -> Result<Self, SealError> {
         let mut id = [0; KEY_ID_LEN];
         id.copy_from_slice(
             &digest::digest(
@@ -120,11 +119,10 @@ impl SealKey {
             )
             .as_ref()[..KEY_ID_LEN],
         );
-        let key = LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, &bytes)
-                .map_err(|_| SealError::KeyFile("bad key".into()))?,
-        );
-        Ok(Self { id, key, bytes })
+        let key = UnboundKey::new(&AES_256_GCM, &bytes);
+        bytes.fill(0);
+        let key = LessSafeKey::new(key.map_err(|_| SealError::KeyFile("bad key".into()))?);
+        Ok(Self { id, key })
     }
 
     /// Seals `contents` under a fresh random nonce.
@@ -133,18 +131,18 @@ impl SealKey {
         SystemRandom::new()
             .fill(&mut nonce)
             .map_err(|_| SealError::Random)?;
+        let mut out = Vec::with_capacity(HEADER_LEN + 1024);
+        out.push(VERSION);
+        out.extend_from_slice(&self.id);
+        out.extend_from_slice(&nonce);
         let mut data = serde_json::to_vec(contents).map_err(|_| SealError::Malformed)?;
         self.key
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(AAD),
+                Aad::from(aad(&out)),
                 &mut data,
             )
             .map_err(|_| SealError::Random)?;
-        let mut out = Vec::with_capacity(HEADER_LEN + data.len());
-        out.push(VERSION);
-        out.extend_from_slice(&self.id);
-        out.extend_from_slice(&nonce);
         out.extend_from_slice(&data);
         Ok(out)
     }
@@ -164,12 +162,17 @@ impl SealKey {
             .key
             .open_in_place(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(AAD),
+                Aad::from(aad(&sealed[..HEADER_LEN])),
                 &mut data,
             )
             .map_err(|_| SealError::Forged)?;
         serde_json::from_slice(plain).map_err(|_| SealError::Malformed)
     }
+}
+
+/// The associated data: a fixed label, then the header (version, key id, nonce).
+fn aad(header: &[u8]) -> Vec<u8> {
+    [AAD, header].concat()
 }
 
 impl fmt::Debug for SealKey {
@@ -207,6 +210,7 @@ mod tests {
             amr: vec!["pwd".into(), "otp".into()],
             acr: None,
             auth_time: 1,
+            auth_time_reported: true,
             session_ends: 2,
             lineage: "00".into(),
             device: "11".into(),
@@ -216,16 +220,18 @@ mod tests {
 
     #[test]
     fn sealed_tokens_open_only_under_their_key_and_unmodified() {
-        let key = SealKey::generate().unwrap();
+        let text = SealKey::generate_file_text().unwrap();
+        let key = SealKey::from_file_text(&text).unwrap();
         let sealed = key.seal(&contents()).unwrap();
         assert_eq!(key.open(&sealed), Ok(contents()));
         assert_ne!(key.seal(&contents()).unwrap(), sealed, "nonces differ");
-        let reread = SealKey::from_file_text(&key.to_file_text()).unwrap();
+        let reread = SealKey::from_file_text(&text).unwrap();
         assert_eq!(reread.open(&sealed), Ok(contents()));
 
-        let other = SealKey::generate().unwrap();
+        let other = SealKey::from_file_text(&SealKey::generate_file_text().unwrap()).unwrap();
         assert_eq!(other.open(&sealed), Err(SealError::UnknownKey));
-        for i in HEADER_LEN..sealed.len() {
+        // Every byte after the key id is authenticated, the nonce included.
+        for i in 1 + KEY_ID_LEN..sealed.len() {
             let mut tampered = sealed.clone();
             tampered[i] ^= 1;
             assert_eq!(key.open(&tampered), Err(SealError::Forged), "byte {i}");

@@ -20,6 +20,9 @@ use crate::verify::{CertificateContents, VerifyError, inspect_unverified};
 /// The format line of version 1 bundles.
 pub const BUNDLE_FORMAT: &str = "postern-bundle/1";
 
+/// The `server_trust` of a bundle whose broker has a publicly trusted certificate.
+const PUBLIC_ROOTS: &str = "public-roots";
+
 /// Largest bundle read, in bytes.
 pub const MAX_BUNDLE_LEN: usize = 256 * 1024;
 
@@ -102,6 +105,9 @@ struct RawBundle {
     broker: String,
     server_name: String,
     server_ca: String,
+    /// `"public-roots"` when `server_ca` is empty: trusting every public CA is never implied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    server_trust: Option<String>,
     certificate: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     key: Option<String>,
@@ -135,8 +141,10 @@ impl Bundle {
         let server_cas = CertificateDer::pem_slice_iter(raw.server_ca.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| BundleError::Pem("server_ca"))?;
-        if server_cas.is_empty() && !raw.server_ca.trim().is_empty() {
-            return Err(BundleError::Pem("server_ca"));
+        match (server_cas.is_empty(), raw.server_trust.as_deref()) {
+            (false, None) | (true, Some(PUBLIC_ROOTS)) => {}
+            (true, None) => return Err(BundleError::Pem("server_ca")),
+            (_, Some(_)) => return Err(BundleError::Field("server_trust")),
         }
         let certificate = CertificateDer::from_pem_slice(raw.certificate.as_bytes())
             .map_err(|_| BundleError::Pem("certificate"))?;
@@ -195,6 +203,7 @@ impl Bundle {
             broker: self.broker.clone(),
             server_name: self.server_name.clone(),
             server_ca: self.server_cas.iter().map(|c| pem(c)).collect(),
+            server_trust: self.server_cas.is_empty().then(|| PUBLIC_ROOTS.to_owned()),
             certificate: pem(&self.certificate),
             key: self.key.as_ref().map(|k| k.expose().to_owned()),
             services: self

@@ -92,6 +92,8 @@ pub struct LoginRequest<'a> {
     pub authentication: &'a Authentication,
     /// Whether the IdP said the email is verified.
     pub email_verified: bool,
+    /// Whether the IdP sent `auth_time` (rather than the broker taking `iat`).
+    pub auth_time_reported: bool,
     /// The broker-assigned device id.
     pub device: &'a str,
     /// The broker's hostname.
@@ -129,10 +131,16 @@ impl LoginRequest<'_> {
             self.authentication,
             self.device,
             self.now,
-            [(
-                "email_verified",
-                RestrictedExpression::new_bool(self.email_verified),
-            )],
+            [
+                (
+                    "email_verified",
+                    RestrictedExpression::new_bool(self.email_verified),
+                ),
+                (
+                    "auth_time_reported",
+                    RestrictedExpression::new_bool(self.auth_time_reported),
+                ),
+            ],
         )?;
         let request =
             Request::new(user, action, broker, context, Some(schema)).map_err(|e| e.to_string())?;

@@ -19,7 +19,7 @@ pub const MAX_ENROLL_BODY_LEN: usize = 16 * 1024;
 pub const MAX_CSR_LEN: usize = 4096;
 
 /// Largest sealed refresh token, in bytes.
-pub const MAX_SEALED_LEN: usize = 8192;
+pub const MAX_SEALED_LEN: usize = 12 * 1024;
 
 /// Largest proof of possession of the previous key (a signature), in bytes.
 pub const MAX_PROOF_LEN: usize = 256;
@@ -99,10 +99,18 @@ pub enum Reply {
     /// The operation failed; the stream ends.
     Failed(Failure),
     /// The login ended.
-    LoggedOut {
-        /// Whether the identity provider confirmed that the refresh token is revoked.
-        revoked: bool,
-    },
+    LoggedOut(Revocation),
+}
+
+/// What became of the refresh token at logout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    /// The identity provider revoked it.
+    Revoked,
+    /// The identity provider offers no revocation (RFC 7009).
+    Unsupported,
+    /// Revocation was attempted and failed.
+    Failed,
 }
 
 /// What a broker says about itself.
@@ -325,13 +333,12 @@ impl Frame for Reply {
                 let reason = body.text(MAX_FAILURE_REASON_LEN)?;
                 Reply::Failed(Failure { code, reason })
             }
-            TYPE_LOGGED_OUT => Reply::LoggedOut {
-                revoked: match body.u8()? {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(DecodeError::Malformed("LoggedOut")),
-                },
-            },
+            TYPE_LOGGED_OUT => Reply::LoggedOut(match body.u8()? {
+                0 => Revocation::Unsupported,
+                1 => Revocation::Revoked,
+                2 => Revocation::Failed,
+                _ => return Err(DecodeError::Malformed("LoggedOut")),
+            }),
             other => return Err(DecodeError::UnexpectedType(other)),
         };
         body.end()?;
@@ -365,6 +372,10 @@ impl Frame for Reply {
             }
             Reply::Pending => TYPE_PENDING,
             Reply::Issued(issued) => {
+                debug_assert!(
+                    (1..=MAX_CHAIN_LEN).contains(&issued.chain.len()),
+                    "an issued chain has 1 to {MAX_CHAIN_LEN} certificates"
+                );
                 let chain = &issued.chain[..issued.chain.len().min(MAX_CHAIN_LEN)];
                 body.push(u8::try_from(chain.len()).unwrap_or(u8::MAX));
                 for certificate in chain {
@@ -383,8 +394,12 @@ impl Frame for Reply {
                 put_text(&mut body, &failure.reason, MAX_FAILURE_REASON_LEN);
                 TYPE_FAILED
             }
-            Reply::LoggedOut { revoked } => {
-                body.push(u8::from(*revoked));
+            Reply::LoggedOut(revocation) => {
+                body.push(match revocation {
+                    Revocation::Unsupported => 0,
+                    Revocation::Revoked => 1,
+                    Revocation::Failed => 2,
+                });
                 TYPE_LOGGED_OUT
             }
         };
@@ -507,14 +522,31 @@ impl fmt::Display for FailCode {
     }
 }
 
-/// The message a proof of possession signs: a fixed context, the connection's exported keying
-/// material, and SHA-256-free raw inputs kept short by their own limits.
+/// What a proof of possession is for: it is part of the signed message, so that a proof made
+/// for one request is worth nothing for another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProofOf {
+    /// A renewal (with its CSR).
+    Renew,
+    /// A logout.
+    Logout,
+}
+
+/// The message a proof of possession signs: a fixed context, the operation, the connection's
+/// exported keying material, the CSR (empty for a logout) and the sealed token, each with its
+/// length.
 ///
 /// `exported` is [`PROOF_EXPORTER_LEN`] bytes from the TLS exporter with
-/// [`PROOF_EXPORTER_LABEL`]; `csr` is empty for a logout.
-pub fn proof_message(exported: &[u8], csr: &[u8], sealed: &[u8]) -> Vec<u8> {
+/// [`PROOF_EXPORTER_LABEL`].
+pub fn proof_message(operation: ProofOf, exported: &[u8], csr: &[u8], sealed: &[u8]) -> Vec<u8> {
     let mut message = Vec::with_capacity(64 + exported.len() + csr.len() + sealed.len());
     message.extend_from_slice(b"postern proof of possession v1\0");
+    let label: &[u8] = match operation {
+        ProofOf::Renew => b"renew",
+        ProofOf::Logout => b"logout",
+    };
+    message.extend_from_slice(label);
+    message.push(0);
     for part in [exported, csr, sealed] {
         message.extend_from_slice(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_be_bytes());
         message.extend_from_slice(part);
@@ -589,8 +621,10 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// Appends a 2-byte length and the bytes, cut to `limit` (callers keep within it).
+/// Appends a 2-byte length and the bytes, cut to `limit`. Callers keep within it (the broker
+/// checks a sealed token's size before it sends one); cutting only keeps the frame valid.
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8], limit: usize) {
+    debug_assert!(bytes.len() <= limit, "a field over its limit would be cut");
     let bytes = &bytes[..bytes.len().min(limit).min(usize::from(u16::MAX))];
     out.extend_from_slice(&u16::try_from(bytes.len()).unwrap_or(u16::MAX).to_be_bytes());
     out.extend_from_slice(bytes);
@@ -651,7 +685,9 @@ mod tests {
             FailCode::NotPermitted,
             "a second factor is required",
         )));
-        round_trip_reply(Reply::LoggedOut { revoked: true });
+        round_trip_reply(Reply::LoggedOut(Revocation::Revoked));
+        round_trip_reply(Reply::LoggedOut(Revocation::Unsupported));
+        round_trip_reply(Reply::LoggedOut(Revocation::Failed));
     }
 
     #[test]
@@ -679,7 +715,7 @@ mod tests {
             Err(DecodeError::TooLong { len: 0x1001, .. })
         ));
         assert_eq!(
-            Reply::decode(b"\x25\x00\x01\x02"),
+            Reply::decode(b"\x25\x00\x01\x03"),
             Err(DecodeError::Malformed("LoggedOut"))
         );
         assert_eq!(
@@ -741,9 +777,11 @@ mod tests {
 
     #[test]
     fn proof_messages_separate_their_parts() {
+        let renew = |csr: &[u8], sealed: &[u8]| proof_message(ProofOf::Renew, b"k", csr, sealed);
+        assert_ne!(renew(b"ab", b"c"), renew(b"a", b"bc"));
         assert_ne!(
-            proof_message(b"k", b"ab", b"c"),
-            proof_message(b"k", b"a", b"bc")
+            proof_message(ProofOf::Logout, b"k", b"", b"s"),
+            proof_message(ProofOf::Renew, b"k", b"", b"s")
         );
     }
 

@@ -19,7 +19,8 @@ pub use codes::{CloseCode, ResetCode};
 pub use enroll::{
     DeviceCode, FailCode, Failure, Issued, MAX_CHAIN_LEN, MAX_CSR_LEN, MAX_ENROLL_BODY_LEN,
     MAX_FAILURE_REASON_LEN, MAX_PROOF_LEN, MAX_SEALED_LEN, MAX_SERVICES, MAX_TEXT_LEN,
-    PROOF_EXPORTER_LABEL, PROOF_EXPORTER_LEN, Reply, Request, Welcome, proof_message,
+    PROOF_EXPORTER_LABEL, PROOF_EXPORTER_LEN, ProofOf, Reply, Request, Revocation, Welcome,
+    proof_message,
 };
 pub use frame::{
     Answer, DecodeError, Frame, HEADER_LEN, MAX_BODY_LEN, MAX_REASON_LEN, Open, Refusal, RefuseCode,
