@@ -837,6 +837,30 @@ mod tests {
     }
 
     #[test]
+    fn idp_urls_must_keep_tokens_encrypted() {
+        for good in [
+            "https://idp.example.org/realms/acme",
+            "http://127.0.0.1:8080",
+            "http://[::1]:8080/x",
+            "http://localhost/",
+        ] {
+            assert_eq!(check_idp_url(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "http://idp.example.org",
+            "http://localhost:80@evil.example/",
+            "https://user:pw@idp.example.org",
+            "ftp://idp.example.org",
+            "idp.example.org",
+            "http://127.0.0.1.evil.example/",
+        ] {
+            assert!(check_idp_url(bad).is_err(), "{bad}");
+        }
+        assert!(check_issuer("https://idp.example.org/x?y=1").is_err());
+        assert!(check_issuer("https://idp.example.org/x#y").is_err());
+    }
+
+    #[test]
     fn the_template_parses_to_the_defaults() {
         let config = parse(&sample()).unwrap();
         assert_eq!(config.listen, "[::]:4433".parse().unwrap());

@@ -395,3 +395,52 @@ async fn keys_are_fetched_once_for_many_tokens_and_not_again_for_unknown_kids() 
     }
     assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[test]
+fn lists_policy_decides_on_are_taken_whole_or_refused() {
+    let many: Vec<String> = (0..33).map(|i| format!("group-{i}")).collect();
+    let token = with(|c| {
+        c.insert("groups".into(), json!(many));
+    });
+    assert!(matches!(
+        check(&token),
+        Err(TokenError::Unusable("groups", _))
+    ));
+    let token = with(|c| {
+        c.insert("groups".into(), json!(["staff", "x".repeat(129)]));
+    });
+    assert!(matches!(
+        check(&token),
+        Err(TokenError::Unusable("groups", _))
+    ));
+    let token = with(|c| {
+        c.insert("groups".into(), json!(["staff", 7]));
+    });
+    assert!(matches!(
+        check(&token),
+        Err(TokenError::Unusable("groups", _))
+    ));
+    // Entra ID's group overage: the groups are elsewhere, so they are not known here.
+    let token = with(|c| {
+        c.remove("groups");
+        c.insert("_claim_names".into(), json!({"groups": "src1"}));
+    });
+    assert!(matches!(
+        check(&token),
+        Err(TokenError::Unusable("groups", _))
+    ));
+    let token = with(|c| {
+        c.insert("amr".into(), json!(["pwd", "x".repeat(33)]));
+    });
+    assert!(matches!(check(&token), Err(TokenError::Unusable("amr", _))));
+    let token = with(|c| {
+        c.insert("acr".into(), json!("x".repeat(129)));
+    });
+    assert!(matches!(check(&token), Err(TokenError::Unusable("acr", _))));
+    // Exactly at the limits is fine.
+    let most: Vec<String> = (0..32).map(|i| format!("{i:0>128}")).collect();
+    let token = with(|c| {
+        c.insert("groups".into(), json!(most));
+    });
+    assert_eq!(check(&token).unwrap().groups.len(), 32);
+}
