@@ -149,11 +149,7 @@ impl Session {
 
     /// Asks the broker who it is and what it offers.
     pub async fn hello(&self) -> Result<Welcome, EnrollError> {
-        let (mut send, mut recv) = self.open().await?;
-        write_frame(&mut send, &Request::Hello)
-            .await
-            .map_err(|e| EnrollError::Lost(e.to_string()))?;
-        let _ = send.finish();
+        let mut recv = self.ask(&Request::Hello).await?;
         match self.read(&mut recv).await? {
             Reply::Welcome(welcome) => Ok(welcome),
             Reply::Failed(failure) => Err(EnrollError::Refused(failure)),
@@ -171,11 +167,7 @@ impl Session {
         let request = KeyRequest::generate()
             .map_err(|e| EnrollError::Local(format!("cannot make a key: {e}")))?;
         let csr = csr_der(&request.csr_pem)?;
-        let (mut send, mut recv) = self.open().await?;
-        write_frame(&mut send, &Request::Login { csr })
-            .await
-            .map_err(|e| EnrollError::Lost(e.to_string()))?;
-        let _ = send.finish();
+        let mut recv = self.ask(&Request::Login { csr }).await?;
         loop {
             match self.read(&mut recv).await? {
                 Reply::Device(code) => progress(Progress::Code(&code)),
@@ -201,16 +193,12 @@ impl Session {
             .map_err(|e| EnrollError::Local(format!("cannot make a key: {e}")))?;
         let csr = csr_der(&request.csr_pem)?;
         let proof = self.prove(identity, ProofOf::Renew, &csr, sealed)?;
-        let (mut send, mut recv) = self.open().await?;
         let renew = Request::Renew {
             csr,
             sealed: sealed.expose().to_vec(),
             proof,
         };
-        write_frame(&mut send, &renew)
-            .await
-            .map_err(|e| EnrollError::Lost(e.to_string()))?;
-        let _ = send.finish();
+        let mut recv = self.ask(&renew).await?;
         match self.read(&mut recv).await? {
             Reply::Issued(issued) => {
                 self.enrolled(issued, request.key_pem, identity.services.clone())
@@ -225,15 +213,11 @@ impl Session {
     pub async fn logout(&self, identity: &Bundle) -> Result<Revocation, EnrollError> {
         let sealed = sealed_of(identity)?;
         let proof = self.prove(identity, ProofOf::Logout, &[], sealed)?;
-        let (mut send, mut recv) = self.open().await?;
         let logout = Request::Logout {
             sealed: sealed.expose().to_vec(),
             proof,
         };
-        write_frame(&mut send, &logout)
-            .await
-            .map_err(|e| EnrollError::Lost(e.to_string()))?;
-        let _ = send.finish();
+        let mut recv = self.ask(&logout).await?;
         match self.read(&mut recv).await? {
             Reply::LoggedOut(revocation) => Ok(revocation),
             Reply::Failed(failure) => Err(EnrollError::Refused(failure)),
@@ -303,11 +287,19 @@ impl Session {
         Ok(Enrolled { bundle })
     }
 
-    async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream), EnrollError> {
-        self.connection
+    /// Opens a stream, writes `request` and finishes the agent's side; the answers follow on
+    /// the returned stream.
+    async fn ask(&self, request: &Request) -> Result<quinn::RecvStream, EnrollError> {
+        let (mut send, recv) = self
+            .connection
             .open_bi()
             .await
-            .map_err(|e| EnrollError::Lost(crate::tunnel::explain(&e)))
+            .map_err(|e| EnrollError::Lost(crate::tunnel::explain(&e)))?;
+        write_frame(&mut send, request)
+            .await
+            .map_err(|e| EnrollError::Lost(e.to_string()))?;
+        let _ = send.finish();
+        Ok(recv)
     }
 
     async fn read(&self, recv: &mut quinn::RecvStream) -> Result<Reply, EnrollError> {
