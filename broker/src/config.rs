@@ -97,6 +97,8 @@ pub struct LoginConfig {
     pub max_session_age: Duration,
     /// Key that seals refresh tokens handed to agents.
     pub seal_key: PathBuf,
+    /// Earlier seal keys: they still open what they sealed, and seal nothing new.
+    pub retired_seal_keys: Vec<PathBuf>,
     /// Logins waiting for approval at once, from all sources.
     pub max_pending: usize,
     /// Logins waiting for approval at once from one source address.
@@ -233,6 +235,8 @@ struct RawLogin {
     certificate_ttl: Option<String>,
     max_session_age: Option<String>,
     seal_key: Option<PathBuf>,
+    #[serde(default)]
+    retired_seal_keys: Vec<PathBuf>,
     max_pending: Option<usize>,
     max_pending_per_source: Option<usize>,
 }
@@ -552,6 +556,12 @@ impl Config {
                     .seal_key
                     .unwrap_or_else(|| PathBuf::from("pki/seal.key")),
             ),
+            retired_seal_keys: raw
+                .login
+                .retired_seal_keys
+                .iter()
+                .map(|path| base.join(path))
+                .collect(),
             max_pending,
             max_pending_per_source,
         };
@@ -733,6 +743,9 @@ client_ca_key = "pki/client-ca.key"
 # Key that seals the refresh tokens agents keep; all replicas of a broker share it. Default:
 # "pki/seal.key".
 # seal_key = "pki/seal.key"
+# Earlier seal keys, kept after a rotation until every login sealed with them has ended
+# (max_session_age): they open what they sealed and seal nothing new. Default: [].
+# retired_seal_keys = ["pki/seal-2026.key"]
 # Logins waiting for approval at once, in total and from one source address. Defaults: {pending}, {per_source}.
 # max_pending = {pending}
 # max_pending_per_source = {per_source}

@@ -31,7 +31,7 @@ use crate::audit::{Event, Login};
 use crate::config::Config;
 use crate::id_token::{Claims, Expected, TokenError};
 use crate::oidc::{Idp, IdpError};
-use crate::seal::{SealKey, Sealed};
+use crate::seal::{SealKey, SealKeys, Sealed};
 use crate::serve::{Shared, StartError};
 
 /// Time an agent has to send its request on a new enrollment stream.
@@ -57,7 +57,7 @@ const INHERENCE: &[&str] = &["fpt", "face", "iris", "retina", "vbm"];
 #[derive(Debug)]
 pub struct Enrollment {
     idp: Option<Idp>,
-    seal: Option<SealKey>,
+    seal: Option<SealKeys>,
     ca: ClientCa,
     pending_total: AtomicUsize,
     pending_by_source: Mutex<HashMap<IpAddr, usize>>,
@@ -109,21 +109,29 @@ impl Enrollment {
             None => (None, None),
             Some(oidc) => {
                 let idp = Idp::new(oidc).map_err(|message| bad(&config.path, message))?;
-                let path = &config.login.seal_key;
-                if postern_certs::store::readable_by_others(path).unwrap_or(false) {
-                    warn!(path = %path.display(), "the seal key is readable by other users; run `chmod 600` on it");
-                }
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    bad(
-                        path,
-                        format!(
-                            "cannot read the key that seals refresh tokens ({e}); `postern-broker init` writes one, or make one with \
-                             `(printf postern-seal-key-v1:; head -c 32 /dev/urandom | base64) > FILE && chmod 600 FILE`"
-                        ),
-                    )
-                })?;
-                let seal = SealKey::from_file_text(&text).map_err(|e| bad(path, e.to_string()))?;
-                (Some(idp), Some(seal))
+                let load = |path: &std::path::Path| {
+                    if postern_certs::store::readable_by_others(path).unwrap_or(false) {
+                        warn!(path = %path.display(), "the seal key is readable by other users; run `chmod 600` on it");
+                    }
+                    let text = std::fs::read_to_string(path).map_err(|e| {
+                        bad(
+                            path,
+                            format!(
+                                "cannot read the key that seals refresh tokens ({e}); `postern-broker init` writes one, or make one with \
+                                 `(printf postern-seal-key-v1:; head -c 32 /dev/urandom | base64) > FILE && chmod 600 FILE`"
+                            ),
+                        )
+                    })?;
+                    SealKey::from_file_text(&text).map_err(|e| bad(path, e.to_string()))
+                };
+                let current = load(&config.login.seal_key)?;
+                let retired = config
+                    .login
+                    .retired_seal_keys
+                    .iter()
+                    .map(|path| load(path))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (Some(idp), Some(SealKeys::new(current, retired)))
             }
         };
         Ok(Self {
@@ -137,7 +145,7 @@ impl Enrollment {
     }
 
     /// The IdP and the seal key, or why logins cannot work here.
-    fn configured(&self) -> Result<(&Idp, &SealKey), Failure> {
+    fn configured(&self) -> Result<(&Idp, &SealKeys), Failure> {
         match (&self.idp, &self.seal) {
             (Some(idp), Some(seal)) => Ok((idp, seal)),
             _ => Err(Failure::new(
@@ -643,7 +651,7 @@ fn signing_request(csr: &[u8]) -> Result<PublicKey, Failure> {
 /// signed over this connection's exported keying material.
 fn open_and_prove(
     connection: &Connection,
-    seal: &SealKey,
+    seal: &SealKeys,
     sealed: &[u8],
     operation: ProofOf,
     csr: &[u8],
@@ -690,7 +698,7 @@ fn certify(
     action: LoginAction,
     source: SocketAddr,
     shared: &Shared,
-    seal: &SealKey,
+    seal: &SealKeys,
     contents: Sealed,
     sealable: bool,
     key: &PublicKey,

@@ -28,6 +28,14 @@ pub struct SealKey {
     key: LessSafeKey,
 }
 
+/// The key that seals, and retired keys that still open what they sealed: rotation without
+/// logging everyone out.
+#[derive(Debug)]
+pub struct SealKeys {
+    current: SealKey,
+    retired: Vec<SealKey>,
+}
+
 /// What a sealed token holds.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -170,6 +178,28 @@ impl SealKey {
     }
 }
 
+impl SealKeys {
+    /// `current` seals and opens; `retired` only open.
+    pub fn new(current: SealKey, retired: Vec<SealKey>) -> Self {
+        Self { current, retired }
+    }
+
+    /// Seals with the current key.
+    pub fn seal(&self, contents: &Sealed) -> Result<Vec<u8>, SealError> {
+        self.current.seal(contents)
+    }
+
+    /// Opens with whichever key sealed it, if this broker holds it.
+    pub fn open(&self, sealed: &[u8]) -> Result<Sealed, SealError> {
+        let id = sealed.get(1..=KEY_ID_LEN).ok_or(SealError::Malformed)?;
+        std::iter::once(&self.current)
+            .chain(&self.retired)
+            .find(|key| key.id == id)
+            .ok_or(SealError::UnknownKey)?
+            .open(sealed)
+    }
+}
+
 /// The associated data: a fixed label, then the header (version, key id, nonce).
 fn aad(header: &[u8]) -> Vec<u8> {
     [AAD, header].concat()
@@ -238,6 +268,23 @@ mod tests {
         }
         assert_eq!(key.open(&sealed[..10]), Err(SealError::Malformed));
         assert!(!format!("{:?} {:?}", contents(), key).contains("rt-secret"));
+    }
+
+    #[test]
+    fn retired_keys_still_open_what_they_sealed() {
+        let key = |text: &str| SealKey::from_file_text(text).unwrap();
+        let (old, new) = (
+            SealKey::generate_file_text().unwrap(),
+            SealKey::generate_file_text().unwrap(),
+        );
+        let sealed_before = key(&old).seal(&contents()).unwrap();
+        let keys = SealKeys::new(key(&new), vec![key(&old)]);
+        assert_eq!(keys.open(&sealed_before), Ok(contents()));
+        let sealed_now = keys.seal(&contents()).unwrap();
+        assert_eq!(key(&new).open(&sealed_now), Ok(contents()));
+        let without_old = SealKeys::new(key(&new), vec![]);
+        assert_eq!(without_old.open(&sealed_before), Err(SealError::UnknownKey));
+        assert_eq!(without_old.open(b"\x01"), Err(SealError::Malformed));
     }
 
     #[test]

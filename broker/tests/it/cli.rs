@@ -218,6 +218,23 @@ fn init_with_an_identity_provider_prints_the_login_line() {
     );
     let check = broker(&["check", "--config", config_path.to_str().unwrap()]);
     assert!(check.status.success(), "{}", stderr(&check));
+    // A retired seal key must be readable too; with it in place the setup checks out.
+    edit(
+        &config_path,
+        "[login]\n",
+        "[login]\nretired_seal_keys = [\"pki/seal-old.key\"]\n",
+    );
+    refused(
+        &["check", "--config", config_path.to_str().unwrap()],
+        "seal-old.key",
+    );
+    std::fs::copy(
+        dir.path().join("b/pki/seal.key"),
+        dir.path().join("b/pki/seal-old.key"),
+    )
+    .unwrap();
+    let check = broker(&["check", "--config", config_path.to_str().unwrap()]);
+    assert!(check.status.success(), "{}", stderr(&check));
     // Without the seal key, login cannot work: the broker says how to make one.
     std::fs::remove_file(dir.path().join("b/pki/seal.key")).unwrap();
     refused(
