@@ -284,3 +284,56 @@ async fn pending_logins_are_limited_and_ctrl_c_cancels_one() {
     gateway.stop().await;
     idp.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_ended_during_sleep_is_renewed_when_the_agent_starts() {
+    let idp = Idp::start(&IdpOptions::default());
+    let echo = postern_tests::echo_server().await;
+    let gateway =
+        Gateway::start_with_idp(&[("echo", echo)], &idp, "certificate_ttl = \"12s\"").await;
+    let home = tempfile::tempdir().unwrap();
+    let first = log_in(&gateway, home.path()).await;
+    let ended = first.inspect().unwrap().not_after;
+    let asleep =
+        ended.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_secs(2);
+    tokio::time::sleep(asleep).await;
+
+    let status = run(home.path(), &["status"]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout)
+            .contains("`postern up` or `postern renew` renews it"),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    let mut child = std::process::Command::new(postern())
+        .args(["up", "--listen", "echo=127.0.0.1:0"])
+        .env("POSTERN_HOME", home.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let up = postern_tests::Running(child);
+    let renewing = postern_tests::wait_for_line(stderr, "renewing it");
+    assert!(
+        renewing.contains("ended while this device was away"),
+        "{renewing}"
+    );
+    let line = postern_tests::wait_for_line(stdout, "postern: echo on");
+    let addr: std::net::SocketAddr = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, b"awake")
+        .await
+        .unwrap();
+    let mut back = [0u8; 5];
+    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut back)
+        .await
+        .unwrap();
+    assert_eq!(&back, b"awake");
+    let renewed = Home::at(home.path().to_owned()).identity().unwrap();
+    assert!(renewed.inspect().unwrap().not_after > SystemTime::now());
+    assert!(up.terminate().success());
+    gateway.stop().await;
+    idp.stop();
+}
