@@ -56,6 +56,10 @@ async fn a_login_with_totp_opens_the_tunnel_to_the_mail() {
     );
     let stored = std::fs::read_to_string(home.path().join("identity.toml")).unwrap();
     assert!(stored.contains("sealed_refresh_token"));
+    assert!(
+        !stored.contains("eyJ"),
+        "no JWT (ID or access token) reaches the laptop"
+    );
 
     let enrolled = gateway.wait_for_audit("enroll.allow", |_| true).await;
     assert_eq!(enrolled["user"]["id"], format!("{}#alice", idp.issuer));
