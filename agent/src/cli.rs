@@ -172,9 +172,12 @@ fn login(home: &Home, path: &std::path::Path) -> anyhow::Result<()> {
             postern_certs::rfc3339(certificate.not_after)
         );
     }
-    home.store_identity(&bundle)?;
-    if uses_pending_key {
-        home.remove_pending_key()?;
+    {
+        let _lock = runtime()?.block_on(home.lock())?;
+        home.store_identity(&bundle)?;
+        if uses_pending_key {
+            home.remove_pending_key()?;
+        }
     }
     println!(
         "Logged in as {} through {}; the certificate is valid until {} ({}).",
@@ -243,6 +246,10 @@ fn renew(home: &Home) -> anyhow::Result<()> {
 }
 
 fn logout(home: &Home) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    // Held from the read to the delete: a renewal by `postern up` meanwhile would otherwise
+    // leave this logout revoking a refresh token already spent.
+    let _lock = runtime.block_on(home.lock())?;
     let identity = match home.identity() {
         Ok(identity) => identity,
         Err(crate::home::HomeError::NotLoggedIn) => {
@@ -259,8 +266,6 @@ fn logout(home: &Home) -> anyhow::Result<()> {
         .login
         .as_ref()
         .is_some_and(|login| login.sealed.is_some());
-    let runtime = runtime()?;
-    let _lock = runtime.block_on(home.lock())?;
     let revocation = renewable.then(|| {
         runtime.block_on(async {
             let session = crate::enroll::Session::connect_for(&identity).await?;

@@ -65,6 +65,9 @@ pub enum EnrollError {
     /// A new login replaced the identity being renewed.
     #[error("the stored identity was replaced by a new login")]
     Replaced,
+    /// There is no usable stored identity (logged out, or the file is spoiled).
+    #[error("{0}")]
+    NoIdentity(String),
 }
 
 /// What a login or renewal produced, ready to be stored.

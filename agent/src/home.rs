@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use postern_certs::store::{self, StoreError, WriteMode};
 use postern_certs::{Bundle, BundleError, MAX_BUNDLE_LEN, SecretPem};
 
+/// Longest wait for the identity lock.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Environment variable naming the agent's home folder.
 pub const HOME_ENV: &str = "POSTERN_HOME";
 
@@ -124,7 +127,8 @@ impl Home {
         Ok(())
     }
 
-    /// Takes the identity lock, waiting up to a minute for another process to release it.
+    /// Takes the identity lock, waiting up to [`LOCK_WAIT`] for another process to release it
+    /// (a renewal holds it for at most [`crate::renew::RENEW_TIMEOUT`]).
     pub async fn lock(&self) -> Result<IdentityLock, HomeError> {
         self.create()?;
         let path = self.dir.join("identity.lock");
@@ -139,7 +143,7 @@ impl Home {
         #[cfg(unix)]
         {
             use rustix::fs::{FlockOperation, flock};
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            let deadline = std::time::Instant::now() + LOCK_WAIT;
             loop {
                 match flock(&file, FlockOperation::NonBlockingLockExclusive) {
                     Ok(()) => break,

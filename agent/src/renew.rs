@@ -19,6 +19,9 @@ const CLOCK_CHECK: Duration = Duration::from_secs(30);
 const FIRST_RETRY: Duration = Duration::from_secs(15);
 const MAX_RETRY: Duration = Duration::from_secs(600);
 
+/// Longest a renewal may take over the network, while it holds the identity lock.
+pub const RENEW_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A certificate is not worth renewing when the login ends less than this after it.
 const WORTHWHILE: Duration = Duration::from_secs(10);
 
@@ -28,16 +31,31 @@ const WORTHWHILE: Duration = Duration::from_secs(10);
 pub async fn renew(home: &Home, lineage: Option<LineageId>) -> Result<Bundle, EnrollError> {
     let local = |e: &dyn std::fmt::Display| EnrollError::Local(e.to_string());
     let _lock = home.lock().await.map_err(|e| local(&e))?;
-    let identity = home.identity().map_err(|e| local(&e))?;
+    // Logged out, or the file spoiled: nothing to renew, now or later.
+    let identity = home
+        .identity()
+        .map_err(|e| EnrollError::NoIdentity(e.to_string()))?;
     if lineage.is_some() && lineage_of(&identity) != lineage {
         return Err(EnrollError::Replaced);
     }
-    let session = Session::connect_for(&identity).await?;
-    let result = session.renew(&identity).await;
-    session.close().await;
-    let bundle = result?.bundle;
-    home.store_identity(&bundle).map_err(|e| local(&e))?;
-    Ok(bundle)
+    // The lock is held meanwhile: the network part is bounded, so that a login waiting for the
+    // lock is never left with a certificate it cannot store.
+    let renewed = tokio::time::timeout(RENEW_TIMEOUT, async {
+        let session = Session::connect_for(&identity).await?;
+        let result = session.renew(&identity).await;
+        session.close().await;
+        result
+    })
+    .await
+    .map_err(|_| {
+        EnrollError::Lost(format!(
+            "the renewal took longer than {}s",
+            RENEW_TIMEOUT.as_secs()
+        ))
+    })??;
+    home.store_identity(&renewed.bundle)
+        .map_err(|e| local(&e))?;
+    Ok(renewed.bundle)
 }
 
 /// When `identity` should be renewed, or `None` when renewal cannot extend it.
@@ -105,6 +123,17 @@ pub async fn keep_renewed(
                 }
                 identity = renewed;
                 retry = FIRST_RETRY;
+                // Even when the clocks disagree so much that the next renewal looks due at
+                // once, renewals never follow each other faster than this.
+                if !wait_until(SystemTime::now() + FIRST_RETRY, &shutdown).await {
+                    return;
+                }
+            }
+            Err(EnrollError::NoIdentity(why)) => {
+                warn!(
+                    "no identity to renew any more ({why}); `postern up` goes on until its certificate ends"
+                );
+                return;
             }
             Err(EnrollError::Replaced) => {
                 warn!(

@@ -62,6 +62,7 @@ pub struct Enrollment {
     pending_total: AtomicUsize,
     pending_by_source: Mutex<HashMap<IpAddr, usize>>,
     connections: AtomicUsize,
+    connections_by_source: Mutex<HashMap<IpAddr, usize>>,
 }
 
 /// The result of one enrollment operation, before it is audited and answered.
@@ -79,16 +80,32 @@ struct Outcome {
     revoked: Option<bool>,
 }
 
-/// Enrollment connections open at once; more are closed at once. Each is cheap (its streams are
-/// served one at a time), and logins waiting at the IdP are limited on their own.
+/// Enrollment connections open at once, in total and from one source (an IPv4 address or an
+/// IPv6 /64); more are closed at once. Each is cheap (its streams are served one at a time), and
+/// logins waiting at the IdP are limited on their own.
 const MAX_CONNECTIONS: usize = 4096;
+const MAX_CONNECTIONS_PER_SOURCE: usize = 16;
+
+/// Time a new enrollment connection has to open its first stream.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Counts an open enrollment connection for as long as it lives.
-struct ConnectionCount<'a>(&'a AtomicUsize);
+struct ConnectionCount<'a> {
+    enrollment: &'a Enrollment,
+    source: IpAddr,
+}
 
 impl Drop for ConnectionCount<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.enrollment.connections.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut by_source) = self.enrollment.connections_by_source.lock()
+            && let Some(count) = by_source.get_mut(&self.source)
+        {
+            *count -= 1;
+            if *count == 0 {
+                by_source.remove(&self.source);
+            }
+        }
     }
 }
 
@@ -141,6 +158,7 @@ impl Enrollment {
             pending_total: AtomicUsize::new(0),
             pending_by_source: Mutex::new(HashMap::new()),
             connections: AtomicUsize::new(0),
+            connections_by_source: Mutex::new(HashMap::new()),
         })
     }
 
@@ -160,16 +178,32 @@ impl Enrollment {
         self.idp.as_ref().map(Idp::issuer)
     }
 
-    fn reserve(&self, source: IpAddr, config: &Config) -> Option<PendingSlot<'_>> {
+    /// Counts a new enrollment connection from `source`, or `None` above the limits.
+    fn admit(&self, source: IpAddr) -> Option<ConnectionCount<'_>> {
         let source = source_key(source);
-        let mut by_source = self.pending_by_source.lock().ok()?;
-        let here = by_source.entry(source).or_insert(0);
-        if *here >= config.login.max_pending_per_source
-            || self.pending_total.load(Ordering::Relaxed) >= config.login.max_pending
+        let mut by_source = self.connections_by_source.lock().ok()?;
+        if self.connections.load(Ordering::Relaxed) >= MAX_CONNECTIONS
+            || by_source.get(&source).copied().unwrap_or(0) >= MAX_CONNECTIONS_PER_SOURCE
         {
             return None;
         }
-        *here += 1;
+        *by_source.entry(source).or_insert(0) += 1;
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        Some(ConnectionCount {
+            enrollment: self,
+            source,
+        })
+    }
+
+    fn reserve(&self, source: IpAddr, config: &Config) -> Option<PendingSlot<'_>> {
+        let source = source_key(source);
+        let mut by_source = self.pending_by_source.lock().ok()?;
+        if self.pending_total.load(Ordering::Relaxed) >= config.login.max_pending
+            || by_source.get(&source).copied().unwrap_or(0) >= config.login.max_pending_per_source
+        {
+            return None;
+        }
+        *by_source.entry(source).or_insert(0) += 1;
         self.pending_total.fetch_add(1, Ordering::Relaxed);
         Some(PendingSlot {
             enrollment: self,
@@ -215,20 +249,21 @@ pub(crate) async fn serve_connection(
     shared: Arc<Shared>,
 ) {
     debug!(client.addr = %source, "enrollment connection");
-    let open = shared
-        .enrollment
-        .connections
-        .fetch_add(1, Ordering::Relaxed);
-    let _counted = ConnectionCount(&shared.enrollment.connections);
-    if open >= MAX_CONNECTIONS {
+    let Some(_counted) = shared.enrollment.admit(source.ip()) else {
         debug!(client.addr = %source, "too many enrollment connections; closing");
         connection.close(0u32.into(), b"busy: try again later");
         return;
-    }
-    for _ in 0..MAX_STREAMS_PER_CONNECTION {
+    };
+    for served in 0..MAX_STREAMS_PER_CONNECTION {
+        // A client that connects and asks nothing holds a connection only briefly.
+        let idle = if served == 0 {
+            FIRST_REQUEST_TIMEOUT
+        } else {
+            IDLE_TIMEOUT
+        };
         let accepted = tokio::select! {
             accepted = connection.accept_bi() => accepted,
-            () = tokio::time::sleep(IDLE_TIMEOUT) => break,
+            () = tokio::time::sleep(idle) => break,
             () = shared.shutdown.cancelled() => break,
         };
         let Ok((send, recv)) = accepted else {
@@ -619,7 +654,13 @@ async fn logout(connection: &Connection, shared: &Shared, sealed: &[u8], proof: 
         Err((code, reason)) => return outcome.fail(code, &reason),
     };
     outcome.identity = identity_of(&contents).ok();
-    let revocation = if contents.refresh_token.is_empty() || contents.issuer != idp.issuer() {
+    let revocation = if contents.issuer != idp.issuer() {
+        outcome.detail = Some(format!(
+            "the login is from another identity provider ({}); nothing was revoked",
+            contents.issuer
+        ));
+        Revocation::Failed
+    } else if contents.refresh_token.is_empty() {
         Revocation::Unsupported
     } else {
         match idp.revoke(&contents.refresh_token).await {

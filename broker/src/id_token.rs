@@ -32,6 +32,10 @@ const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 /// Keys older than this are fetched again before they are used.
 pub const MAX_KEY_AGE: Duration = Duration::from_secs(3600);
 
+/// Keys that could not be fetched again for this long verify nothing: a withdrawn key must not
+/// live on because the issuer's key endpoint is unreachable.
+pub const MAX_STALE_KEY_AGE: Duration = Duration::from_secs(24 * 3600);
+
 /// Algorithms accepted: asymmetric only.
 const ALGORITHMS: &[Algorithm] = &[
     Algorithm::RS256,
@@ -474,8 +478,9 @@ impl Keys {
     }
 
     /// Verifies `token`: with the cached keys, fetched again first when they are older than
-    /// [`MAX_KEY_AGE`] (so that a key the issuer withdrew stops working), and once more when the
-    /// token names a key not yet known.
+    /// [`MAX_KEY_AGE`] (a key the issuer withdrew stops working then; if the issuer cannot be
+    /// reached, the old keys serve until [`MAX_STALE_KEY_AGE`]), and once more when the token
+    /// names a key not yet known.
     pub async fn verify(
         &self,
         token: &str,
@@ -492,6 +497,15 @@ impl Keys {
         }
         let (first, generation) = {
             let cache = self.cache.read().await;
+            // Keys that could not be fetched again for this long are not trusted any more.
+            if cache
+                .fresh
+                .is_none_or(|at| at.elapsed() > MAX_STALE_KEY_AGE)
+            {
+                return Err(TokenError::Jwks(cache.last_error.clone().unwrap_or_else(
+                    || "the issuer's keys could not be fetched".to_owned(),
+                )));
+            }
             (verify(token, &cache.keys, expected, now), cache.generation)
         };
         match first {

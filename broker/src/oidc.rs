@@ -204,7 +204,8 @@ impl Idp {
         &self.config.client_id
     }
 
-    /// Discovery, done once; a failure is not cached, so the next login tries again.
+    /// Discovery, done once; a failure is answered from memory for [`DISCOVERY_RETRY`], then
+    /// tried again.
     pub async fn discovered(&self) -> Result<Arc<Discovered>, IdpError> {
         let mut slot = self.discovered.lock().await;
         if let Some(discovered) = &slot.done {
@@ -317,7 +318,7 @@ impl Idp {
         let on_poll = &on_poll;
         let response: CoreTokenResponse = request
             .request_async(
-                &self.http,
+                &self.http(),
                 |wait| async move {
                     on_poll();
                     // An IdP that says `interval: 0` does not get a tight loop.

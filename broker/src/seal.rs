@@ -22,7 +22,7 @@ const HEADER_LEN: usize = 1 + KEY_ID_LEN + NONCE_LEN;
 const AAD: &[u8] = b"postern sealed refresh token v1";
 const FILE_LABEL: &str = "postern-seal-key-v1:";
 
-/// The key that seals refresh tokens. It keeps only ring's key schedule, never the raw bytes.
+/// The key that seals refresh tokens, as ring's key schedule.
 pub struct SealKey {
     id: [u8; KEY_ID_LEN],
     key: LessSafeKey,
@@ -119,14 +119,11 @@ impl SealKey {
     }
 
     fn from_bytes(mut bytes: [u8; 32]) -> Result<Self, SealError> {
+        let mut hash = digest::Context::new(&digest::SHA256);
+        hash.update(b"postern seal key id");
+        hash.update(&bytes);
         let mut id = [0; KEY_ID_LEN];
-        id.copy_from_slice(
-            &digest::digest(
-                &digest::SHA256,
-                &[b"postern seal key id".as_slice(), &bytes].concat(),
-            )
-            .as_ref()[..KEY_ID_LEN],
-        );
+        id.copy_from_slice(&hash.finish().as_ref()[..KEY_ID_LEN]);
         let key = UnboundKey::new(&AES_256_GCM, &bytes);
         bytes.fill(0);
         let key = LessSafeKey::new(key.map_err(|_| SealError::KeyFile("bad key".into()))?);
