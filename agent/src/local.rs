@@ -35,14 +35,24 @@ mod linux {
     use super::*;
 
     /// The uid owning the live TCP socket whose local address is `socket_local` and remote
-    /// address is `socket_remote`, read from `/proc/net/tcp` and `/proc/net/tcp6` (this network
-    /// namespace's tables).
+    /// address is `socket_remote`, in this network namespace: asked of the kernel for that one
+    /// socket (`NETLINK_SOCK_DIAG`), or, where that is not allowed, read from `/proc/net/tcp` and
+    /// `/proc/net/tcp6` — which the kernel builds by walking every socket, milliseconds each.
     #[cfg(target_os = "linux")]
     pub(super) fn socket_owner(
         socket_local: SocketAddr,
         socket_remote: SocketAddr,
     ) -> io::Result<Option<u32>> {
         let (local, remote) = (unmapped(socket_local), unmapped(socket_remote));
+        if let Ok(owner) = diag::owner(local, remote) {
+            return Ok(owner);
+        }
+        proc_owner(local, remote)
+    }
+
+    /// [`socket_owner`] from the `/proc/net/tcp*` tables.
+    #[cfg(target_os = "linux")]
+    pub(super) fn proc_owner(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<u32>> {
         if local.is_ipv4() && remote.is_ipv4() {
             let table = std::fs::read_to_string("/proc/net/tcp")?;
             if let Some(uid) = find_owner(&table, local, remote) {
@@ -54,6 +64,121 @@ mod linux {
         }
         let table = std::fs::read_to_string("/proc/net/tcp6")?;
         Ok(find_owner(&table, local, remote))
+    }
+
+    /// Exact lookups of one TCP socket with `NETLINK_SOCK_DIAG` (`inet_diag`, Linux 4.x and later).
+    #[cfg(target_os = "linux")]
+    pub(super) mod diag {
+        use std::io;
+        use std::net::{IpAddr, SocketAddr};
+
+        use rustix::net::{
+            AddressFamily, RecvFlags, SendFlags, SocketType, netlink, recv, send, socket,
+        };
+
+        const SOCK_DIAG_BY_FAMILY: u16 = 20;
+        const NLMSG_ERROR: u16 = 2;
+        const NLM_F_REQUEST: u16 = 1;
+        const IPPROTO_TCP: u8 = 6;
+        const AF_INET: u8 = 2;
+        const AF_INET6: u8 = 10;
+        const HEADER: usize = 16;
+        /// In `inet_diag_msg`: 4 bytes, the 48-byte socket id, expires, rqueue, wqueue, then uid
+        /// and inode.
+        const UID_AT: usize = 4 + 48 + 12;
+
+        /// The uid owning the live socket `local` → `remote` (an IPv4 socket, or a dual-stack
+        /// IPv6 one holding the same addresses mapped), `None` when there is none.
+        pub(in super::super) fn owner(
+            local: SocketAddr,
+            remote: SocketAddr,
+        ) -> io::Result<Option<u32>> {
+            let fd = socket(
+                AddressFamily::NETLINK,
+                SocketType::RAW,
+                Some(netlink::SOCK_DIAG),
+            )?;
+            let families: &[u8] = if local.is_ipv4() && remote.is_ipv4() {
+                &[AF_INET, AF_INET6]
+            } else {
+                &[AF_INET6]
+            };
+            for &family in families {
+                let request = request(family, local, remote);
+                send(&fd, &request, SendFlags::empty())?;
+                let mut answer = [0u8; 1024];
+                let (len, _) = recv(&fd, &mut answer[..], RecvFlags::empty())?;
+                if let Some(uid) = parse(&answer[..len.min(answer.len())])? {
+                    return Ok(Some(uid));
+                }
+            }
+            Ok(None)
+        }
+
+        fn request(family: u8, local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
+            let address = |addr: SocketAddr| -> [u8; 16] {
+                let mut bytes = [0u8; 16];
+                match (family, addr.ip()) {
+                    (AF_INET, IpAddr::V4(v4)) => bytes[..4].copy_from_slice(&v4.octets()),
+                    (_, IpAddr::V4(v4)) => bytes = v4.to_ipv6_mapped().octets(),
+                    (_, IpAddr::V6(v6)) => bytes = v6.octets(),
+                }
+                bytes
+            };
+            let mut message = Vec::with_capacity(HEADER + 56);
+            message.extend_from_slice(&72u32.to_ne_bytes());
+            message.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+            message.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+            message.extend_from_slice(&1u32.to_ne_bytes());
+            message.extend_from_slice(&0u32.to_ne_bytes());
+            message.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
+            message.extend_from_slice(&u32::MAX.to_ne_bytes());
+            message.extend_from_slice(&local.port().to_be_bytes());
+            message.extend_from_slice(&remote.port().to_be_bytes());
+            message.extend_from_slice(&address(local));
+            message.extend_from_slice(&address(remote));
+            message.extend_from_slice(&0u32.to_ne_bytes());
+            message.extend_from_slice(&u32::MAX.to_ne_bytes());
+            message.extend_from_slice(&u32::MAX.to_ne_bytes());
+            message
+        }
+
+        /// The uid in an answer; `None` for no such socket, or one no longer live (inode 0).
+        pub(in super::super) fn parse(answer: &[u8]) -> io::Result<Option<u32>> {
+            let word = |at: usize| -> io::Result<u32> {
+                answer
+                    .get(at..at + 4)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_ne_bytes)
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidData, "short sock_diag answer")
+                    })
+            };
+            let kind = answer
+                .get(4..6)
+                .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidData, "short sock_diag answer")
+                })?;
+            match kind {
+                NLMSG_ERROR => {
+                    let errno = word(HEADER)? as i32;
+                    if errno == -2 {
+                        Ok(None)
+                    } else {
+                        Err(io::Error::from_raw_os_error(-errno))
+                    }
+                }
+                SOCK_DIAG_BY_FAMILY => {
+                    let (uid, inode) = (word(HEADER + UID_AT)?, word(HEADER + UID_AT + 4)?);
+                    Ok((inode != 0).then_some(uid))
+                }
+                other => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unexpected sock_diag answer type {other}"),
+                )),
+            }
+        }
     }
 
     /// Finds the `uid` column of the row for a live socket (inode not 0: not TIME_WAIT) in a
@@ -78,6 +203,11 @@ mod linux {
                 .then(|| uid.parse().ok())
                 .flatten()
         })
+    }
+
+    #[cfg(all(test, target_os = "linux"))]
+    pub(super) fn unmapped_for_test(addr: SocketAddr) -> SocketAddr {
+        unmapped(addr)
     }
 
     /// `::ffff:a.b.c.d` as `a.b.c.d`.
@@ -201,5 +331,44 @@ mod tests {
             tried += 1;
         }
         assert!(tried >= 2, "at least the IPv4 listeners were tried");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn sock_diag_and_proc_agree() {
+        let me = rustix::process::geteuid().as_raw();
+        let mut tried = 0;
+        for listen in ["127.0.0.1:0", "[::1]:0", "[::ffff:127.0.0.1]:0"] {
+            let Ok(listener) = std::net::TcpListener::bind(listen) else {
+                continue;
+            };
+            let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (accepted, peer) = listener.accept().unwrap();
+            let local = accepted.local_addr().unwrap();
+            // The client's socket: its local address is the peer, its remote the listener.
+            let (from, to) = (
+                linux::unmapped_for_test(peer),
+                linux::unmapped_for_test(local),
+            );
+            assert_eq!(linux::diag::owner(from, to).unwrap(), Some(me), "{listen}");
+            assert_eq!(linux::proc_owner(from, to).unwrap(), Some(me), "{listen}");
+            // A socket that does not exist has no owner.
+            let nobody = SocketAddr::new(from.ip(), 1);
+            assert_eq!(linux::diag::owner(nobody, to).unwrap(), None, "{listen}");
+            tried += 1;
+        }
+        assert!(tried >= 2);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn sock_diag_errors_are_errors() {
+        let mut answer = vec![0u8; 20];
+        answer[4..6].copy_from_slice(&2u16.to_ne_bytes());
+        answer[16..20].copy_from_slice(&(-1i32).to_ne_bytes());
+        assert!(linux::diag::parse(&answer).is_err());
+        answer[16..20].copy_from_slice(&(-2i32).to_ne_bytes());
+        assert_eq!(linux::diag::parse(&answer).unwrap(), None);
+        assert!(linux::diag::parse(&answer[..10]).is_err());
     }
 }
