@@ -96,9 +96,6 @@ pub(crate) fn postern(service: SocketAddr, work: &Path) -> anyhow::Result<Route>
         ],
         &home,
     )?;
-    let text = std::fs::read_to_string(&config)?
-        .replace("# path = \"audit.jsonl\"", "path = \"audit.jsonl\"");
-    std::fs::write(&config, text)?;
     let mut child = Command::new(&broker)
         .args(["serve", "--config", path(&config)])
         .stdout(Stdio::null())
