@@ -31,7 +31,7 @@ use crate::audit::{Event, Login};
 use crate::config::Config;
 use crate::id_token::{Claims, Expected, TokenError};
 use crate::oidc::{Idp, IdpError};
-use crate::seal::{SealKey, SealKeys, Sealed};
+use crate::seal::{SealKey, SealKeys, SealedLogin};
 use crate::serve::{Shared, StartError};
 
 /// Time an agent has to send its request on a new enrollment stream.
@@ -501,11 +501,11 @@ async fn login(
         Ok(claims) => claims,
         Err(err) => return refused(outcome, err),
     };
-    if !claims.auth_time_present {
+    if !claims.auth_time_reported {
         debug!("the ID token has no auth_time; using iat");
     }
     let session_ends = whole_seconds(claims.auth_time) + shared.config.login.max_session_age;
-    let contents = Sealed {
+    let contents = SealedLogin {
         refresh_token: tokens.refresh_token.clone().unwrap_or_default(),
         issuer: claims.issuer.clone(),
         subject: claims.subject.clone(),
@@ -516,7 +516,7 @@ async fn login(
         amr: claims.amr.clone(),
         acr: claims.acr.clone(),
         auth_time: unix_seconds(claims.auth_time),
-        auth_time_reported: claims.auth_time_present,
+        auth_time_reported: claims.auth_time_reported,
         session_ends: unix_seconds(session_ends),
         lineage: lineage.to_string(),
         device: device_id.to_string(),
@@ -697,7 +697,7 @@ fn open_and_prove(
     operation: ProofOf,
     csr: &[u8],
     proof: &[u8],
-) -> Result<Sealed, (FailCode, String)> {
+) -> Result<SealedLogin, (FailCode, String)> {
     let contents = seal.open(sealed).map_err(|err| {
         (
             FailCode::LoginRequired,
@@ -740,7 +740,7 @@ fn certify(
     source: SocketAddr,
     shared: &Shared,
     seal: &SealKeys,
-    contents: Sealed,
+    contents: SealedLogin,
     sealable: bool,
     key: &PublicKey,
     now: SystemTime,
@@ -840,7 +840,7 @@ fn decide(
     source: SocketAddr,
     shared: &Shared,
     identity: &Identity,
-    login: &Sealed,
+    login: &SealedLogin,
     now: SystemTime,
 ) -> Decision {
     let principal = crate::serve::principal(identity);
@@ -860,7 +860,7 @@ fn decide(
 }
 
 /// The identity a sealed login stands for.
-fn identity_of(contents: &Sealed) -> Result<Identity, String> {
+fn identity_of(contents: &SealedLogin) -> Result<Identity, String> {
     let user = UserId::new(&contents.issuer, &contents.subject).map_err(|e| e.to_string())?;
     let id = |text: &str| text.parse::<RandomId>().map_err(|e| e.to_string());
     Ok(Identity {

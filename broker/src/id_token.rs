@@ -68,7 +68,7 @@ pub struct Claims {
     /// When the person authenticated; `iat` when the IdP did not say.
     pub auth_time: SystemTime,
     /// Whether `auth_time` was in the token (rather than taken from `iat`).
-    pub auth_time_present: bool,
+    pub auth_time_reported: bool,
     /// Authentication methods.
     pub amr: Vec<String>,
     /// Authentication context class.
@@ -425,7 +425,7 @@ fn check_claims(
         issuer: issuer.to_owned(),
         subject: subject.to_owned(),
         auth_time: auth_time_claim.unwrap_or(iat),
-        auth_time_present: auth_time_claim.is_some(),
+        auth_time_reported: auth_time_claim.is_some(),
         amr: list("amr", postern_certs::MAX_AMR, postern_certs::MAX_AMR_LEN)?,
         acr,
         // Display attributes that do not fit are left out; policy sees them absent.

@@ -2,7 +2,7 @@
 //!
 //! A sealed token is `version ‖ key id (8) ‖ nonce (12) ‖ AES-256-GCM ciphertext`, the header
 //! authenticated as associated data with a fixed label. The plaintext
-//! is JSON ([`Sealed`]): the refresh token with everything a renewal must keep — who, how they
+//! is JSON ([`SealedLogin`]): the refresh token with everything a renewal must keep — who, how they
 //! authenticated, the lineage and device, the key the agent must prove it holds, and when the
 //! login ends. A copy stolen from a laptop renews nothing without that key, and nothing at all
 //! after the login's end.
@@ -39,7 +39,7 @@ pub struct SealKeys {
 /// What a sealed token holds.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct Sealed {
+pub struct SealedLogin {
     /// The IdP's refresh token.
     pub refresh_token: String,
     /// The issuer.
@@ -131,7 +131,7 @@ impl SealKey {
     }
 
     /// Seals `contents` under a fresh random nonce.
-    pub fn seal(&self, contents: &Sealed) -> Result<Vec<u8>, SealError> {
+    pub fn seal(&self, contents: &SealedLogin) -> Result<Vec<u8>, SealError> {
         let mut nonce = [0; NONCE_LEN];
         SystemRandom::new()
             .fill(&mut nonce)
@@ -153,7 +153,7 @@ impl SealKey {
     }
 
     /// Opens a sealed token made by [`SealKey::seal`] with this key.
-    pub fn open(&self, sealed: &[u8]) -> Result<Sealed, SealError> {
+    pub fn open(&self, sealed: &[u8]) -> Result<SealedLogin, SealError> {
         if sealed.len() < HEADER_LEN + AES_256_GCM.tag_len() || sealed[0] != VERSION {
             return Err(SealError::Malformed);
         }
@@ -182,12 +182,12 @@ impl SealKeys {
     }
 
     /// Seals with the current key.
-    pub fn seal(&self, contents: &Sealed) -> Result<Vec<u8>, SealError> {
+    pub fn seal(&self, contents: &SealedLogin) -> Result<Vec<u8>, SealError> {
         self.current.seal(contents)
     }
 
     /// Opens with whichever key sealed it, if this broker holds it.
-    pub fn open(&self, sealed: &[u8]) -> Result<Sealed, SealError> {
+    pub fn open(&self, sealed: &[u8]) -> Result<SealedLogin, SealError> {
         let id = sealed.get(1..=KEY_ID_LEN).ok_or(SealError::Malformed)?;
         std::iter::once(&self.current)
             .chain(&self.retired)
@@ -210,9 +210,9 @@ impl fmt::Debug for SealKey {
     }
 }
 
-impl fmt::Debug for Sealed {
+impl fmt::Debug for SealedLogin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Sealed")
+        f.debug_struct("SealedLogin")
             .field("issuer", &self.issuer)
             .field("subject", &self.subject)
             .field("lineage", &self.lineage)
@@ -225,8 +225,8 @@ impl fmt::Debug for Sealed {
 mod tests {
     use super::*;
 
-    fn contents() -> Sealed {
-        Sealed {
+    fn contents() -> SealedLogin {
+        SealedLogin {
             refresh_token: "rt-secret".into(),
             issuer: "https://idp".into(),
             subject: "alice".into(),

@@ -15,7 +15,7 @@ use x509_parser::prelude::FromDer;
 use crate::secret::SecretPem;
 
 /// Largest signing request accepted, in bytes of DER.
-pub const MAX_CSR_LEN: usize = 4096;
+pub const MAX_CSR_LEN: usize = postern_proto::MAX_CSR_LEN;
 
 /// A public key the broker may certify: P-256 or Ed25519, in SubjectPublicKeyInfo DER.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -93,6 +93,9 @@ pub enum IdentityError {
     /// A SAN URI is not the canonical form of a user id.
     #[error("`{0}` is not a Postern user id")]
     BadUri(String),
+    /// A lineage or device id is not 32 lowercase hex digits.
+    #[error("`{0}` is not a lineage or device id (32 hex digits)")]
+    BadRandomId(String),
     /// An attribute is too long or there are too many of them.
     #[error("{0} exceeds the certificate's size limits")]
     TooLarge(&'static str),
@@ -243,7 +246,7 @@ impl std::str::FromStr for RandomId {
 
     /// Reads the 32 hex digits [`Display`](fmt::Display) writes.
     fn from_str(text: &str) -> Result<Self, IdentityError> {
-        let bad = || IdentityError::BadUri(text.chars().take(40).collect());
+        let bad = || IdentityError::BadRandomId(text.chars().take(40).collect());
         if text.len() != 32 {
             return Err(bad());
         }
@@ -306,6 +309,24 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn random_ids_read_back_what_they_show() {
+        let id = RandomId::from_bytes([0xab; 16]);
+        assert_eq!(id.to_string().parse::<RandomId>(), Ok(id));
+        for bad in [
+            "",
+            "ab",
+            &"g".repeat(32),
+            &"a".repeat(33),
+            "é".repeat(16).as_str(),
+        ] {
+            assert!(
+                matches!(bad.parse::<RandomId>(), Err(IdentityError::BadRandomId(_))),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn uri_is_issuer_and_encoded_subject() {
