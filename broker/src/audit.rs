@@ -129,6 +129,50 @@ pub enum Event<'a> {
         /// Why it ended.
         reason: &'a str,
     },
+    /// A re-check found a live session no longer allowed and ended it.
+    SessionDeny {
+        /// The request that opened it.
+        connect: Connect<'a>,
+        /// `policy` or `revoked`.
+        kind: &'static str,
+        /// Why, for people.
+        reason: &'a str,
+        /// The policy generation that decided.
+        generation: u64,
+        /// What made the broker ask again: `change` or `timer`.
+        trigger: &'static str,
+    },
+    /// Policies, entities or revocations changed and the new version is in force.
+    PolicyReload {
+        /// The new generation.
+        generation: u64,
+        /// Policies in force.
+        policies: usize,
+        /// Users and groups in entities.json.
+        entities: usize,
+        /// Revocations in force.
+        revocations: usize,
+        /// `file change` or `sighup`.
+        trigger: &'a str,
+    },
+    /// A changed policy folder was refused; the previous version stays in force.
+    PolicyReject {
+        /// The generation still in force.
+        generation: u64,
+        /// What is wrong, per file.
+        problems: &'a [String],
+        /// Refusals since the broker started.
+        rejected_total: u64,
+    },
+    /// An administrator added or removed a revocation.
+    Revocation {
+        /// What.
+        target: &'a crate::revoke::Target,
+        /// Added (`true`) or removed.
+        added: bool,
+        /// Why, as written.
+        reason: &'a str,
+    },
     /// A login, renewal or logout: allowed or refused, and why.
     Login(Login<'a>),
     /// An administrator issued a certificate with `postern-broker issue`.
@@ -372,6 +416,69 @@ impl Audit {
                 );
                 fields
             }
+            Event::SessionDeny {
+                connect,
+                kind,
+                reason,
+                generation,
+                trigger,
+            } => {
+                let mut fields = connect_fields(connect);
+                merge(
+                    &mut fields,
+                    json!({
+                        "event": { "reason": reason },
+                        "postern": { "end": kind, "policy_generation": generation, "recheck": trigger },
+                    }),
+                );
+                fields
+            }
+            Event::PolicyReload {
+                generation,
+                policies,
+                entities,
+                revocations,
+                trigger,
+            } => json!({
+                "event": { "reason": trigger },
+                "postern": {
+                    "policy_generation": generation,
+                    "policies_loaded": policies,
+                    "entities_loaded": entities,
+                    "revocations": revocations,
+                },
+            }),
+            Event::PolicyReject {
+                generation,
+                problems,
+                rejected_total,
+            } => json!({
+                "event": { "reason": problems.join("\n") },
+                "postern": {
+                    "policy_generation": generation,
+                    "problems": problems,
+                    "rejected_total": rejected_total,
+                },
+            }),
+            Event::Revocation {
+                target,
+                added: _,
+                reason,
+            } => {
+                let (kind, id) = match target {
+                    crate::revoke::Target::User(user) => ("user", user.uri()),
+                    crate::revoke::Target::Lineage(lineage) => ("lineage", lineage.to_string()),
+                    crate::revoke::Target::Device(device) => ("device", device.to_string()),
+                };
+                let mut fields = json!({
+                    "event": { "reason": reason },
+                    "postern": { "revoked": { "kind": kind, "id": id } },
+                });
+                if let crate::revoke::Target::User(user) = target {
+                    fields["user"] = json!({ "id": user.uri() });
+                }
+                fields
+            }
             Event::Login(login) => {
                 let mut postern = json!({ "operation": login.operation, "flow": login.flow });
                 if let Some(identity) = login.identity {
@@ -518,6 +625,11 @@ impl Event<'_> {
             Event::ConnectAllow(_) => "connect.allow",
             Event::ConnectDeny { .. } => "connect.deny",
             Event::SessionClose { .. } => "session.close",
+            Event::SessionDeny { .. } => "session.deny",
+            Event::PolicyReload { .. } => "policy.reload",
+            Event::PolicyReject { .. } => "policy.reject",
+            Event::Revocation { added: true, .. } => "revocation.add",
+            Event::Revocation { added: false, .. } => "revocation.remove",
             Event::CertificateIssue { .. } => "cert.issue",
             Event::Login(login) => match (login.operation, login.allowed) {
                 ("enroll", true) => "enroll.allow",
@@ -537,6 +649,8 @@ impl Event<'_> {
                 &["authentication", "network"]
             }
             Event::CertificateIssue { .. } => &["iam"],
+            Event::PolicyReload { .. } | Event::PolicyReject { .. } => &["configuration"],
+            Event::Revocation { .. } => &["iam"],
             Event::Login(_) => &["authentication", "iam"],
             _ => &["network"],
         }
@@ -544,7 +658,10 @@ impl Event<'_> {
 
     fn outcome(&self) -> &'static str {
         match self {
-            Event::ConnectionDeny { .. } | Event::ConnectDeny { .. } => "failure",
+            Event::ConnectionDeny { .. }
+            | Event::ConnectDeny { .. }
+            | Event::SessionDeny { .. }
+            | Event::PolicyReject { .. } => "failure",
             Event::Login(login) if !login.allowed => "failure",
             _ => "success",
         }

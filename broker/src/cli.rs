@@ -101,6 +101,68 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Revoke a user, a login or a device, in `revocations.json` of the policy folder.
+    ///
+    /// A revoked user's certificates and logins from before now are dead, renewals included: live
+    /// sessions end within seconds, and they must log in again with MFA. A revoked login
+    /// (lineage) or device stays dead. Brokers reading the folder take it in within 2 seconds.
+    Revoke {
+        /// The broker's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Why, for the record.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Remove a revocation.
+    Unrevoke {
+        /// The broker's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// The revocations in force.
+    Revocations {
+        #[command(subcommand)]
+        command: RevocationsCommand,
+    },
+}
+
+/// What `revoke` and `unrevoke` act on: exactly one of these.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct TargetArgs {
+    /// A user, as `ISSUER,SUBJECT` or the user id URI `ISSUER#SUBJECT`.
+    #[arg(long, value_name = "ISSUER,SUBJECT")]
+    user: Option<String>,
+    /// The users with this email address, found in entities.json and in the audit trail.
+    #[arg(long, value_name = "ADDR")]
+    email: Option<String>,
+    /// One login and its renewals (the `postern.lineage` of the audit trail).
+    #[arg(long, value_name = "ID")]
+    lineage: Option<String>,
+    /// Every certificate of one device (the `postern.device` of the audit trail).
+    #[arg(long, value_name = "ID")]
+    device: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum RevocationsCommand {
+    /// Show the revocations in force.
+    List {
+        /// The broker's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 /// A failure with the exit code it maps to.
@@ -222,6 +284,39 @@ fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Serve { config } => serve(&config),
+        Command::Revoke {
+            config,
+            target,
+            reason,
+            yes,
+        } => revoke(&config, &target, Some(reason), yes),
+        Command::Unrevoke {
+            config,
+            target,
+            yes,
+        } => revoke(&config, &target, None, yes),
+        Command::Revocations {
+            command: RevocationsCommand::List { config },
+        } => {
+            let config = Config::load(&config).map_err(config_failure)?;
+            let revocations =
+                crate::revoke::Revocations::load(&config.policy_dir).map_err(config_failure)?;
+            if revocations.is_empty() {
+                println!("No revocations in {}.", config.policy_dir.display());
+            }
+            for (kind, id, entry) in revocations.iter() {
+                let reason = if entry.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({})", entry.reason)
+                };
+                println!(
+                    "{kind:<8} {id}  since {}{reason}",
+                    postern_certs::rfc3339(entry.at)
+                );
+            }
+            Ok(())
+        }
         Command::Issue {
             config,
             user,
@@ -285,6 +380,141 @@ fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// `revoke` (with a reason) and `unrevoke` (without).
+fn revoke(
+    config_path: &std::path::Path,
+    target: &TargetArgs,
+    reason: Option<String>,
+    yes: bool,
+) -> Result<(), Failure> {
+    use crate::revoke::{Entry, Target};
+    let config = Config::load(config_path).map_err(config_failure)?;
+    let usage = |message: String| Failure {
+        code: EXIT_CONFIG,
+        error: anyhow::anyhow!(message),
+    };
+    let targets: Vec<Target> = if let Some(user) = &target.user {
+        let parsed = match user.split_once(',') {
+            Some((issuer, subject)) => postern_certs::UserId::new(issuer, subject),
+            None => postern_certs::UserId::from_uri(user),
+        };
+        vec![Target::User(parsed.map_err(|e| {
+            usage(format!("`--user {user}`: {e}; write ISSUER,SUBJECT"))
+        })?)]
+    } else if let Some(email) = &target.email {
+        let found = crate::revoke::users_with_email(&config, email);
+        if found.is_empty() {
+            return Err(usage(format!(
+                "no user with email `{email}` in entities.json or the audit trail; name them with --user ISSUER,SUBJECT"
+            )));
+        }
+        println!("Users with email {email}:");
+        for (user, seen) in &found {
+            println!("  {}  ({seen})", user.uri());
+        }
+        found
+            .into_iter()
+            .map(|(user, _)| Target::User(user))
+            .collect()
+    } else if let Some(lineage) = &target.lineage {
+        vec![Target::Lineage(
+            lineage
+                .parse()
+                .map_err(|e| usage(format!("`--lineage {lineage}`: {e}")))?,
+        )]
+    } else if let Some(device) = &target.device {
+        vec![Target::Device(
+            device
+                .parse()
+                .map_err(|e| usage(format!("`--device {device}`: {e}")))?,
+        )]
+    } else {
+        return Err(usage(
+            "name what to revoke: --user, --email, --lineage or --device".into(),
+        ));
+    };
+    let verb = if reason.is_some() {
+        "revoke"
+    } else {
+        "unrevoke"
+    };
+    if !yes {
+        use std::io::IsTerminal as _;
+        if !std::io::stdin().is_terminal() {
+            return Err(usage(format!(
+                "confirm with --yes (there is no terminal to ask whether to {verb} {} target(s))",
+                targets.len()
+            )));
+        }
+        eprint!("{verb} {} target(s)? [y/N] ", targets.len());
+        let mut answer = String::new();
+        let _ = std::io::stdin().read_line(&mut answer);
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("Nothing changed.");
+            return Ok(());
+        }
+    }
+    let audit = Audit::open(&config.audit)
+        .with_context(|| format!("cannot open the audit trail of `{}`", config.path.display()))
+        .map_err(|error| Failure {
+            code: EXIT_CONFIG,
+            error,
+        })?;
+    let now = SystemTime::now();
+    let mut missing = Vec::new();
+    crate::revoke::update(&config.policy_dir, |revocations| {
+        for target in &targets {
+            match &reason {
+                Some(reason) => revocations.insert(
+                    target.clone(),
+                    Entry {
+                        at: now,
+                        reason: reason.clone(),
+                    },
+                ),
+                None => {
+                    if !revocations.remove(target) {
+                        missing.push(target.to_string());
+                    }
+                }
+            }
+        }
+    })
+    .map_err(|error| Failure {
+        code: 1,
+        error: error.into(),
+    })?;
+    for target in &targets {
+        if missing.contains(&target.to_string()) {
+            println!("{target} was not revoked; nothing to remove.");
+            continue;
+        }
+        audit
+            .record_blocking(&crate::audit::Event::Revocation {
+                target,
+                added: reason.is_some(),
+                reason: reason.as_deref().unwrap_or(""),
+            })
+            .context("cannot write the audit trail")
+            .map_err(|error| Failure { code: 1, error })?;
+        match &reason {
+            Some(_) => println!(
+                "Revoked {target} at {}. Certificates and logins from before then no longer work.",
+                postern_certs::rfc3339(now)
+            ),
+            None => println!("Removed the revocation of {target}."),
+        }
+    }
+    println!(
+        "Written to {}. A broker using this folder takes it in within 2 seconds and ends live sessions it no longer allows; copy the file to other replicas like the policies.",
+        config
+            .policy_dir
+            .join(crate::revoke::REVOCATIONS_FILE)
+            .display()
+    );
+    Ok(())
 }
 
 fn serve(config_path: &std::path::Path) -> Result<(), Failure> {

@@ -41,6 +41,8 @@ pub const DEFAULT_SCOPES: &[&str] = &["openid", "email", "profile", "offline_acc
 pub const MAX_SESSION_AGE: Duration = Duration::from_secs(31 * 24 * 3600);
 /// Longest device code lifetime honoured, whatever the IdP says.
 pub const MAX_DEVICE_CODE_LIFETIME: Duration = Duration::from_secs(15 * 60);
+/// Default `policy.recheck_interval`.
+pub const DEFAULT_RECHECK_INTERVAL: Duration = Duration::from_secs(60);
 /// Largest `pki.max_clock_skew` accepted: more would keep expired certificates working.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(10 * 60);
 /// Largest `pki.max_cert_lifetime` accepted: certificates are meant to be short-lived.
@@ -59,8 +61,10 @@ pub struct Config {
     pub public_address: String,
     /// Certificates and keys.
     pub pki: Pki,
-    /// Folder of Cedar policies.
+    /// Folder of Cedar policies, `entities.json` and `revocations.json`.
     pub policy_dir: PathBuf,
+    /// How policies see time and how often live sessions are asked again.
+    pub policy: PolicySettings,
     /// Where audit events go.
     pub audit: AuditTarget,
     /// Timeouts and limits.
@@ -71,6 +75,16 @@ pub struct Config {
     pub oidc: Option<Oidc>,
     /// Certificates from logins and renewals.
     pub login: LoginConfig,
+}
+
+/// The `[policy]` settings beside the folder.
+#[derive(Debug, Clone)]
+pub struct PolicySettings {
+    /// The zone of `context.time`'s hour, weekday and date. Default: UTC.
+    pub time_zone: jiff::tz::TimeZone,
+    /// Live sessions are asked again at this interval (time-of-day rules), besides after every
+    /// change. Default: 60 s.
+    pub recheck_interval: Duration,
 }
 
 /// The OpenID provider and how the broker is registered there.
@@ -265,6 +279,8 @@ struct RawPki {
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
     dir: Option<PathBuf>,
+    time_zone: Option<String>,
+    recheck_interval: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -379,6 +395,24 @@ impl Config {
                     DEFAULT_MAX_CERT_LIFETIME,
                 )?,
                 MAX_CERT_LIFETIME,
+            )?,
+        };
+
+        let time_zone = match raw.policy.time_zone.as_deref() {
+            None | Some("UTC") => jiff::tz::TimeZone::UTC,
+            Some(name) => jiff::tz::TimeZone::get(name).map_err(|e| {
+                invalid(
+                    "policy.time_zone",
+                    format!("`{name}` is not a time zone this machine knows ({e}); use an IANA name such as \"Europe/Madrid\" (the tzdata package provides them), or \"UTC\""),
+                )
+            })?,
+        };
+        let policy = PolicySettings {
+            time_zone,
+            recheck_interval: duration(
+                "policy.recheck_interval",
+                raw.policy.recheck_interval.as_deref(),
+                DEFAULT_RECHECK_INTERVAL,
             )?,
         };
 
@@ -573,6 +607,7 @@ impl Config {
             public_address,
             pki,
             policy_dir: base.join(raw.policy.dir.unwrap_or_else(|| PathBuf::from("policies"))),
+            policy,
             audit,
             limits,
             services,
@@ -715,6 +750,12 @@ client_ca_key = "pki/client-ca.key"
 [policy]
 # Folder of Cedar policies (*.cedar), checked against the schema at start. Default: "policies".
 # dir = "policies"
+# The time zone of context.time (hour, weekday, date) for office-hours rules: an IANA name such
+# as "Europe/Madrid". Default: "UTC".
+# time_zone = "UTC"
+# Live sessions are asked again after every change of policies, entities.json or
+# revocations.json, and at this interval (for time-of-day rules). Default: "60s".
+# recheck_interval = "60s"
 
 [audit]
 # Where audit events go, one JSON object per line: a file, or "-" for standard output.

@@ -18,7 +18,7 @@ use base64::engine::general_purpose::STANDARD;
 use postern_certs::{
     AuthContext, ClientCa, Identity, Issuance, LoginFlow, PublicKey, RandomId, UserId,
 };
-use postern_policy::{Decision, LoginAction, LoginRequest};
+use postern_policy::{Action, Authentication, Decision, LoginFacts, Principal};
 use postern_proto::{
     DeviceCode, FailCode, Failure, Issued, MAX_SEALED_LEN, PROOF_EXPORTER_LABEL,
     PROOF_EXPORTER_LEN, ProofOf, Reply, Request, ResetCode, Revocation, Welcome, proof_message,
@@ -590,6 +590,9 @@ async fn renew(
     // Policy first, on what the login already says: a refused renewal must not spend (and, with
     // rotating refresh tokens, lose) the refresh token. Policy is asked again on the IdP's answer.
     if let Some(identity) = &outcome.identity {
+        if let Some(reason) = revoked(shared, identity) {
+            return outcome.fail(FailCode::LoginRequired, &reason);
+        }
         let decision = decide(LoginAction::Renew, source, shared, identity, &contents, now);
         if !decision.is_allowed() {
             let reason = refusal_reason(&identity.auth.amr);
@@ -758,6 +761,15 @@ fn certify(
     outcome.identity = Some(identity.clone());
     let session_ends = unix(contents.session_ends);
     outcome.session_ends = Some(session_ends);
+    if let Some(reason) = revoked(shared, &identity) {
+        let reason = match action {
+            LoginAction::Enroll => format!(
+                "{reason}; the identity provider reused a login from before the revocation: sign out there, then run `postern login` again"
+            ),
+            LoginAction::Renew => reason,
+        };
+        return outcome.fail(FailCode::LoginRequired, &reason);
+    }
     let decision = decide(action, source, shared, &identity, &contents, now);
     let allowed = decision.is_allowed();
     outcome.decision = Some(decision);
@@ -834,6 +846,13 @@ fn certify(
     outcome
 }
 
+/// Which login decision is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LoginAction {
+    Enroll,
+    Renew,
+}
+
 /// Asks Cedar `enroll` or `renew` about `identity`, the login `login` describes.
 fn decide(
     action: LoginAction,
@@ -843,20 +862,49 @@ fn decide(
     login: &SealedLogin,
     now: SystemTime,
 ) -> Decision {
-    let principal = crate::serve::principal(identity);
-    let authentication = crate::serve::authentication(identity);
+    let principal = Principal::from_identity(identity);
+    let authentication = Authentication::from_identity(identity);
     let device = identity.auth.device.to_string();
-    shared.policies.authorize_login(&LoginRequest {
-        action,
-        principal: &principal,
-        authentication: &authentication,
+    let facts = LoginFacts {
         email_verified: login.email_verified,
         auth_time_reported: login.auth_time_reported,
+    };
+    let broker = shared.config.hostname.as_str();
+    let snapshot = shared.authority.current();
+    snapshot.policies.authorize(&postern_policy::Request {
+        principal: &principal,
+        authentication: &authentication,
         device: &device,
-        broker: &shared.config.hostname,
         source: source.ip(),
-        now,
+        now: &shared.authority.zoned(now),
+        action: match action {
+            LoginAction::Enroll => Action::Enroll {
+                broker,
+                login: facts,
+            },
+            LoginAction::Renew => Action::Renew {
+                broker,
+                login: facts,
+            },
+        },
     })
+}
+
+/// Why `identity`'s login is revoked, if it is: a login from before the user's watermark, or a
+/// revoked lineage or device.
+fn revoked(shared: &Shared, identity: &Identity) -> Option<String> {
+    let user = identity.user.uri();
+    shared
+        .authority
+        .current()
+        .revocations
+        .check(&crate::revoke::Subject {
+            user: &user,
+            auth_time: identity.auth.auth_time,
+            issued: identity.auth.auth_time,
+            lineage: Some(&identity.auth.lineage),
+            device: &identity.auth.device,
+        })
 }
 
 /// The identity a sealed login stands for.

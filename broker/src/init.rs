@@ -15,31 +15,8 @@ pub const CA_LIFETIME: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
 /// Lifetime of the server certificate `init` creates.
 pub const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
 
-/// The starting policy: a login needs a real second factor; any valid certificate reaches any
-/// configured service.
-pub const DEFAULT_POLICY: &str = r#"// Postern's starting policy, written by `postern-broker init`.
-// docs/policy.md explains every entity and context field; narrow this down before real use.
-
-// A login (and each renewal, which keeps the login's authentication) needs multi-factor
-// authentication at the IdP: "mfa" in amr, or two kinds of factor among knowledge (pwd, pin,
-// kba; "password" as some IdPs write it), possession (otp, hwk, swk, sms, tel, sc) and inherence
-// (fpt, face, iris, retina, vbm), as RFC 8176 names them. IdPs differ:
-// docs/identity-providers.md has the line for each, such as an acr value.
-@id("login-requires-mfa")
-permit (principal, action in [Action::"enroll", Action::"renew"], resource is Broker)
-when {
-  context.authentication.amr.contains("mfa") ||
-  (context.authentication.amr.containsAny(["pwd", "password", "pin", "kba"]) &&
-   context.authentication.amr.containsAny(
-     ["otp", "hwk", "swk", "sms", "tel", "sc", "fpt", "face", "iris", "retina", "vbm"])) ||
-  (context.authentication.amr.containsAny(["otp", "hwk", "swk", "sms", "tel", "sc"]) &&
-   context.authentication.amr.containsAny(["fpt", "face", "iris", "retina", "vbm"]))
-};
-
-// Anyone holding a valid certificate from this broker may reach every configured service.
-@id("any-certificate-any-service")
-permit (principal, action == Action::"connect", resource is Service);
-"#;
+/// The starting policy, with its test cases.
+pub use postern_policy::{DEFAULT_POLICY, DEFAULT_POLICY_TESTS};
 
 /// What `init` needs.
 #[derive(Debug, Clone)]
@@ -181,6 +158,12 @@ pub fn init(options: &InitOptions, now: SystemTime) -> Result<PathBuf, InitError
         DEFAULT_POLICY,
         WriteMode::CreateNew,
     )?;
+    create_dir(&dir.join("policies").join("tests"), 0o755)?;
+    write_public(
+        &dir.join("policies").join("tests").join("default.json"),
+        DEFAULT_POLICY_TESTS,
+        WriteMode::CreateNew,
+    )?;
     let text = config::template(
         &options.hostname,
         &options.listen,
@@ -206,78 +189,4 @@ fn create_dir(path: &Path, mode: u32) -> Result<(), InitError> {
         path: path.to_owned(),
         source,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use std::net::{IpAddr, Ipv4Addr};
-    use std::time::{Duration, SystemTime};
-
-    use postern_policy::{Authentication, LoginAction, LoginRequest, Policies, Principal, Source};
-
-    use super::DEFAULT_POLICY;
-
-    fn login_allowed(amr: &[&str], action: LoginAction) -> bool {
-        let policies = Policies::from_sources(&[Source {
-            name: "default.cedar".into(),
-            text: DEFAULT_POLICY.into(),
-        }])
-        .unwrap();
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let principal = Principal {
-            id: "https://idp.example.org#alice".into(),
-            issuer: "https://idp.example.org".into(),
-            subject: "alice".into(),
-            email: None,
-            name: None,
-            groups: vec![],
-        };
-        let authentication = Authentication {
-            issuance: "login",
-            flow: Some("device_code"),
-            amr: amr.iter().map(|m| (*m).to_owned()).collect(),
-            acr: None,
-            auth_time: now,
-        };
-        policies
-            .authorize_login(&LoginRequest {
-                action,
-                principal: &principal,
-                authentication: &authentication,
-                email_verified: false,
-                auth_time_reported: true,
-                device: "00",
-                broker: "gw.example.org",
-                source: IpAddr::V4(Ipv4Addr::LOCALHOST),
-                now,
-            })
-            .is_allowed()
-    }
-
-    #[test]
-    fn the_default_policy_asks_for_a_second_factor_as_idps_report_it() {
-        for amr in [
-            &["mfa"][..],
-            &["pwd", "otp"],
-            &["password", "otp"],
-            &["pwd", "hwk"],
-            &["pin", "fpt"],
-            &["kba", "sms"],
-            &["pwd", "swk", "user"],
-            &["hwk", "fpt"],
-        ] {
-            assert!(login_allowed(amr, LoginAction::Enroll), "{amr:?}");
-            assert!(login_allowed(amr, LoginAction::Renew), "{amr:?}");
-        }
-        for amr in [
-            &[][..],
-            &["pwd"],
-            &["password"],
-            &["otp"],
-            &["hwk", "user"],
-            &["fpt", "face"],
-        ] {
-            assert!(!login_allowed(amr, LoginAction::Enroll), "{amr:?}");
-        }
-    }
 }

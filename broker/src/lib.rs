@@ -10,6 +10,7 @@
 //! The binary is a thin wrapper over [`cli::main`]; tests drive the same functions in-process.
 
 pub mod audit;
+pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod enroll;
@@ -17,6 +18,7 @@ pub mod id_token;
 pub mod init;
 pub mod issue;
 pub mod oidc;
+pub mod revoke;
 pub mod seal;
 pub mod serve;
 

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use postern_certs::store::{self, StoreError};
 use postern_certs::{
-    CaError, ClientCa, ClientVerifier, Identity, Role, VerifiedClient, VerifyLimits,
-    connection_role,
+    CaError, ClientCa, ClientVerifier, Role, VerifiedClient, VerifyLimits, connection_role,
 };
-use postern_policy::{Decision, LoadError, Policies};
+use postern_policy::{
+    Action, Authentication, Certificate, Decision, LoadError, Policies, Principal, Request,
+};
 use postern_proto::{
     ALPN_ENROLL, ALPN_TUNNEL, Answer, CloseCode, Open, Refusal, RefuseCode, ResetCode, ServiceName,
 };
@@ -27,8 +28,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::audit::{Audit, Connect, Event};
+use crate::authz::{Authority, Denial, Live, Snapshot};
 use crate::config::{Config, ServiceConfig};
 use crate::enroll::Enrollment;
+use crate::revoke::{Revocations, RevocationsError};
 
 /// A bound broker, ready to [`run`](Broker::run).
 #[derive(Debug)]
@@ -59,6 +62,9 @@ pub enum StartError {
         /// The problems.
         source: LoadError,
     },
+    /// The revocation list does not load.
+    #[error("{0}")]
+    Revocations(#[from] RevocationsError),
     /// The audit trail cannot be opened.
     #[error("cannot open the audit trail `{target}`: {source}")]
     Audit {
@@ -96,7 +102,8 @@ const MAX_AUDITED_REASON: usize = 256;
 pub(crate) struct Shared {
     pub(crate) config: Config,
     verifier: Arc<ClientVerifier>,
-    pub(crate) policies: Policies,
+    /// Policies, entities and revocations in force, and the live sessions they govern.
+    pub(crate) authority: Arc<Authority>,
     services: BTreeMap<ServiceName, Service>,
     pub(crate) audit: Arc<Audit>,
     pub(crate) enrollment: Enrollment,
@@ -125,18 +132,10 @@ struct Peer {
     /// Set when the certificate ended while the connection was open.
     expired: std::sync::atomic::AtomicBool,
     client: VerifiedClient,
-    principal: postern_policy::Principal,
-    authentication: postern_policy::Authentication,
-}
-
-/// What the broker answers a stream.
-enum Verdict<'a> {
-    Allow(&'a Service, Decision),
-    Refuse {
-        code: RefuseCode,
-        reason: String,
-        decision: Option<Decision>,
-    },
+    principal: Principal,
+    authentication: Authentication,
+    /// The device id, as policies see it.
+    device: String,
 }
 
 /// Counts something in progress (sessions, handshakes) for as long as it lives.
@@ -151,10 +150,17 @@ impl Broker {
             server_config,
             verifier,
             policies,
+            revocations,
             services,
             enrollment,
             ..
         } = Loaded::from_config(&config, SystemTime::now())?;
+        let authority = Arc::new(Authority::new(
+            &config.policy_dir,
+            config.policy.time_zone.clone(),
+            policies,
+            revocations,
+        ));
         let audit = Arc::new(
             Audit::open(&config.audit).map_err(|source| StartError::Audit {
                 target: match &config.audit {
@@ -182,7 +188,7 @@ impl Broker {
         let shared = Shared {
             config,
             verifier,
-            policies,
+            authority,
             services,
             audit,
             enrollment,
@@ -221,12 +227,18 @@ impl Broker {
     pub async fn run(self) {
         let Broker { endpoint, shared } = self;
         let listen = endpoint.local_addr().unwrap_or(shared.config.listen);
+        let policies = shared.authority.current().policies.len();
         shared.audit.record_or_log(&Event::BrokerStart {
             listen,
-            policies: shared.policies.len(),
+            policies,
             services: shared.services.keys().map(ToString::to_string).collect(),
         });
-        info!(%listen, policies = shared.policies.len(), "broker serving");
+        info!(%listen, policies, "broker serving");
+        let authority = tokio::spawn(shared.authority.clone().run(
+            shared.audit.clone(),
+            shared.config.policy.recheck_interval,
+            shared.shutdown.clone(),
+        ));
 
         let connections = TaskTracker::new();
         loop {
@@ -268,6 +280,7 @@ impl Broker {
             close_code(CloseCode::ShuttingDown),
             b"broker is shutting down",
         );
+        authority.abort();
         shared.audit.record_or_log(&Event::BrokerStop {
             reason: "shutdown",
             sessions_cut,
@@ -282,6 +295,7 @@ struct Loaded {
     server_config: quinn::ServerConfig,
     verifier: Arc<ClientVerifier>,
     policies: Policies,
+    revocations: Revocations,
     services: BTreeMap<ServiceName, Service>,
     enrollment: Enrollment,
     server_not_after: SystemTime,
@@ -383,6 +397,7 @@ impl Loaded {
                 path: config.policy_dir.clone(),
                 source,
             })?;
+        let revocations = Revocations::load(&config.policy_dir)?;
         let services = config
             .services
             .iter()
@@ -405,6 +420,7 @@ impl Loaded {
             server_config,
             verifier,
             policies,
+            revocations,
             services,
             enrollment,
             server_not_after,
@@ -514,8 +530,9 @@ async fn connection(incoming: Incoming, shared: Arc<Shared>) {
         id,
         cut: shared.abort.child_token(),
         expired: std::sync::atomic::AtomicBool::new(false),
-        principal: principal(&client.identity),
-        authentication: authentication(&client.identity),
+        principal: Principal::from_identity(&client.identity),
+        authentication: Authentication::from_identity(&client.identity),
+        device: client.identity.auth.device.to_string(),
         client,
         connection,
     });
@@ -616,16 +633,39 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
 
     async {
         let now = SystemTime::now();
-        let (service, decision) = match decide(&peer, &shared, &open.service, source, now) {
-            Verdict::Allow(service, decision) => (service, decision),
-            Verdict::Refuse { code, reason, decision } => {
-                info!(code = code.as_str(), %reason, "refused");
-                shared.audit.record_or_log(&Event::ConnectDeny {
-                    connect: peer.connect(session, source, name, decision.as_ref()),
-                    code: code.as_str(),
-                    reason: reason.clone(),
-                });
-                return answer(&mut send, Answer::Refused(Refusal::new(code, &reason))).await;
+        let service = match admit(&peer, &shared, &open.service, now) {
+            Ok(service) => service,
+            Err((code, reason)) => {
+                return refuse(&shared, peer.connect(session, source, name, None), &mut send, code, reason).await;
+            }
+        };
+        // Registered before the decision: a reload from here on re-checks this session.
+        let live = Arc::new(Live {
+            session,
+            recheck: Box::new({
+                let (peer, policy) = (peer.clone(), service.policy.clone());
+                move |snapshot: &Snapshot, zoned: &jiff::Zoned| {
+                    let source = peer.connection.remote_address();
+                    authorize(snapshot, &peer, &policy, source, zoned).err()
+                }
+            }),
+            cut: peer.cut.child_token(),
+            ended: std::sync::OnceLock::new(),
+        });
+        let _registration = shared.authority.register(live.clone());
+        let decision = loop {
+            let snapshot = shared.authority.current();
+            let result = authorize(&snapshot, &peer, &service.policy, source, &shared.authority.zoned(now));
+            // Decided with a snapshot that was replaced meanwhile: ask the new one.
+            if shared.authority.current().generation == snapshot.generation {
+                break result;
+            }
+        };
+        let decision = match decision {
+            Ok(decision) => decision,
+            Err(denial) => {
+                let connect = peer.connect(session, source, name, denial.decision.as_ref());
+                return refuse(&shared, connect, &mut send, RefuseCode::NotPermitted, denial.reason).await;
             }
         };
         let audited = peer.connect(session, source, name, Some(&decision));
@@ -638,6 +678,19 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
         let _session = Counted::new(&shared.open_sessions);
         let started = Instant::now();
         let close = |reason: String, from: u64, to: u64| {
+            if let Some(ended) = live.ended.get() {
+                let denial = &ended.denial;
+                let policies = denial.decision.as_ref().map_or(&[][..], |d| &d.policies);
+                let errors = denial.decision.as_ref().map_or(&[][..], |d| &d.errors);
+                info!(generation = ended.generation, policies = ?policies, reason = %denial.reason, "session no longer allowed: ended");
+                shared.audit.record_or_log(&Event::SessionDeny {
+                    connect: Connect { policies, errors, ..audited },
+                    kind: denial.kind,
+                    reason: &denial.reason,
+                    generation: ended.generation,
+                    trigger: ended.trigger.as_str(),
+                });
+            }
             shared.audit.record_or_log(&Event::SessionClose {
                 connect: audited,
                 bytes_from_client: from,
@@ -659,17 +712,21 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
             return close(format!("client_gone: {err}"), 0, 0);
         }
         info!("session open");
-        let relayed = relay(send, recv, upstream, &peer.cut).await;
+        let relayed = relay(send, recv, upstream, &live.cut).await;
         // The expiry cut closes the connection too; whichever the relay noticed first, the
         // session ended because the certificate did.
         let expired = peer.expired.load(Ordering::Relaxed);
-        let reason = match &relayed.end {
-            RelayEnd::Closed => "closed".to_owned(),
-            RelayEnd::Cancelled | RelayEnd::ConnectionLost(_) if expired => "certificate_expired".to_owned(),
-            RelayEnd::QuicReset(_) | RelayEnd::QuicStopped(_) => "client_reset".to_owned(),
-            RelayEnd::ConnectionLost(why) => format!("connection_lost: {why}"),
-            RelayEnd::TcpFailed(kind) => format!("upstream_failed: {kind}"),
-            RelayEnd::Cancelled => "shutdown".to_owned(),
+        let reason = match (&relayed.end, live.ended.get()) {
+            (RelayEnd::Cancelled, Some(ended)) => match ended.denial.kind {
+                "revoked" => "revoked".to_owned(),
+                _ => "policy_denied".to_owned(),
+            },
+            (RelayEnd::Closed, _) => "closed".to_owned(),
+            (RelayEnd::Cancelled | RelayEnd::ConnectionLost(_), _) if expired => "certificate_expired".to_owned(),
+            (RelayEnd::QuicReset(_) | RelayEnd::QuicStopped(_), _) => "client_reset".to_owned(),
+            (RelayEnd::ConnectionLost(why), _) => format!("connection_lost: {why}"),
+            (RelayEnd::TcpFailed(kind), _) => format!("upstream_failed: {kind}"),
+            (RelayEnd::Cancelled, None) => "shutdown".to_owned(),
         };
         info!(bytes.from_client = relayed.from_quic, bytes.to_client = relayed.to_quic, %reason, "session closed");
         close(reason, relayed.from_quic, relayed.to_quic);
@@ -678,23 +735,19 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
     .await;
 }
 
-fn decide<'a>(
+/// What does not depend on policy: the broker is not shutting down, the certificate has not
+/// ended, the service exists.
+fn admit<'a>(
     peer: &Peer,
     shared: &'a Shared,
     name: &ServiceName,
-    source: SocketAddr,
     now: SystemTime,
-) -> Verdict<'a> {
-    let refuse = |code, reason: String| Verdict::Refuse {
-        code,
-        reason,
-        decision: None,
-    };
+) -> Result<&'a Service, (RefuseCode, String)> {
     if shared.shutdown.is_cancelled() {
-        return refuse(
+        return Err((
             RefuseCode::ShuttingDown,
             "the broker is shutting down; connect again in a moment".into(),
-        );
+        ));
     }
     let not_after = peer.client.not_after;
     if not_after
@@ -705,39 +758,83 @@ fn decide<'a>(
             "this device's certificate expired at {}; get a new identity (`postern login --bundle FILE`) and restart `postern up`",
             postern_certs::rfc3339(not_after)
         );
-        return refuse(RefuseCode::CertificateExpired, reason);
+        return Err((RefuseCode::CertificateExpired, reason));
     }
-    let Some(service) = shared.services.get(name) else {
+    shared.services.get(name).ok_or_else(|| {
         let known: Vec<_> = shared.services.keys().map(ToString::to_string).collect();
         let reason = format!(
             "this broker has no service `{name}` (it has: {})",
             known.join(", ")
         );
-        return refuse(RefuseCode::UnknownService, reason);
-    };
-    let decision = shared
-        .policies
-        .authorize_connect(&postern_policy::ConnectRequest {
-            principal: &peer.principal,
-            authentication: &peer.authentication,
-            device: &peer.client.identity.auth.device.to_string(),
-            certificate_not_after: not_after,
-            service: &service.policy,
-            source: source.ip(),
-            now,
+        (RefuseCode::UnknownService, reason)
+    })
+}
+
+/// Whether `peer` may use `service` now, from `source`: revocations first, then Cedar. The one
+/// path for the first decision and every re-check.
+fn authorize(
+    snapshot: &Snapshot,
+    peer: &Peer,
+    service: &postern_policy::Service,
+    source: SocketAddr,
+    zoned: &jiff::Zoned,
+) -> Result<Decision, Denial> {
+    let identity = &peer.client.identity;
+    if let Some(reason) = snapshot.revocations.check(&crate::revoke::Subject {
+        user: &peer.principal.id,
+        auth_time: identity.auth.auth_time,
+        issued: peer.client.not_before,
+        lineage: Some(&identity.auth.lineage),
+        device: &identity.auth.device,
+    }) {
+        return Err(Denial {
+            kind: "revoked",
+            reason: format!("{reason} (`postern login`)"),
+            decision: None,
         });
+    }
+    let decision = snapshot.policies.authorize(&Request {
+        principal: &peer.principal,
+        authentication: &peer.authentication,
+        device: &peer.device,
+        source: source.ip(),
+        now: zoned,
+        action: Action::Connect {
+            service,
+            certificate: Certificate {
+                not_before: peer.client.not_before,
+                not_after: peer.client.not_after,
+            },
+        },
+    });
     if decision.is_allowed() {
-        return Verdict::Allow(service, decision);
+        return Ok(decision);
     }
-    let reason = format!(
-        "policy does not allow {} to reach `{name}`; ask your administrator if you need it",
-        peer.client.identity.display_name()
-    );
-    Verdict::Refuse {
-        code: RefuseCode::NotPermitted,
-        reason,
+    Err(Denial {
+        kind: "policy",
+        reason: format!(
+            "policy does not allow {} to reach `{}`; ask your administrator if you need it",
+            identity.display_name(),
+            service.name
+        ),
         decision: Some(decision),
-    }
+    })
+}
+
+async fn refuse(
+    shared: &Shared,
+    connect: Connect<'_>,
+    send: &mut SendStream,
+    code: RefuseCode,
+    reason: String,
+) {
+    info!(code = code.as_str(), %reason, "refused");
+    shared.audit.record_or_log(&Event::ConnectDeny {
+        connect,
+        code: code.as_str(),
+        reason: reason.clone(),
+    });
+    answer(send, Answer::Refused(Refusal::new(code, &reason))).await;
 }
 
 fn refuse_malformed(
@@ -817,33 +914,6 @@ async fn connect_upstream(
         }
     }
     Err(last)
-}
-
-/// The policy view of a certificate's identity: one mapping, used for every decision.
-pub fn principal(identity: &Identity) -> postern_policy::Principal {
-    postern_policy::Principal {
-        id: identity.user.uri(),
-        issuer: identity.user.issuer().to_owned(),
-        subject: identity.user.subject().to_owned(),
-        email: identity.email.clone(),
-        name: identity.name.clone(),
-        groups: identity.groups.clone(),
-    }
-}
-
-/// The policy view of how an identity authenticated.
-pub fn authentication(identity: &Identity) -> postern_policy::Authentication {
-    let auth = &identity.auth;
-    postern_policy::Authentication {
-        issuance: auth.issuance.kind(),
-        flow: match auth.issuance {
-            postern_certs::Issuance::Login(flow) => Some(flow.as_str()),
-            postern_certs::Issuance::Admin => None,
-        },
-        amr: auth.amr.clone(),
-        acr: auth.acr.clone(),
-        auth_time: auth.auth_time,
-    }
 }
 
 impl Peer {

@@ -161,13 +161,8 @@ impl Bundle {
         let login = raw
             .login
             .map(|login| {
-                let session_ends = time::OffsetDateTime::parse(
-                    &login.session_ends,
-                    &time::format_description::well_known::Rfc3339,
-                )
-                .ok()
-                .and_then(|t| crate::verify::system_time(t.unix_timestamp()))
-                .ok_or(BundleError::Field("login.session_ends"))?;
+                let session_ends = crate::parse_rfc3339(&login.session_ends)
+                    .ok_or(BundleError::Field("login.session_ends"))?;
                 let sealed = login
                     .sealed_refresh_token
                     .map(|text| STANDARD.decode(text).map(Sealed::new))

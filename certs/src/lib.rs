@@ -64,6 +64,13 @@ pub fn rfc3339(time: std::time::SystemTime) -> String {
         .unwrap_or_else(|| "(time out of range)".to_owned())
 }
 
+/// Reads an RFC 3339 time (any offset), if certificates can express it.
+pub fn parse_rfc3339(text: &str) -> Option<std::time::SystemTime> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .and_then(|t| verify::system_time(t.unix_timestamp()))
+}
+
 /// The time `seconds` after the Unix epoch, if certificates can express it (up to the year
 /// 9999). Use it for any count of seconds read from the wire or a file: adding a large
 /// `Duration` to a `SystemTime` panics.

@@ -7,24 +7,40 @@
 //!
 //! It has no network code and reads files only in [`Policies::load_dir`]. Time is passed in.
 
+mod directory;
 mod load;
 mod request;
+mod scenario;
 
 use std::fmt;
 
 use cedar_policy::{Authorizer, PolicySet, Schema};
 
-pub use load::{Diagnostic, LoadError, Source};
-pub use request::{Authentication, ConnectRequest, LoginAction, LoginRequest, Principal, Service};
+pub use directory::{Directory, DirectoryError};
+pub use load::{Diagnostic, ENTITIES_FILE, LoadError, Source};
+pub use request::{Action, Authentication, Certificate, LoginFacts, Principal, Request, Service};
+pub use scenario::{
+    Case, ContextSpec, ExpectedEffect, Outcome, PrincipalSpec, Scenario, ScenarioError,
+    ServiceSpec, parse_cases, parse_time,
+};
+
+/// The starting policy `postern-broker init` writes: MFA for login, any certificate to any
+/// service, nothing for disabled users.
+pub const DEFAULT_POLICY: &str = include_str!("../examples/default/default.cedar");
+
+/// The test cases of [`DEFAULT_POLICY`], written beside it by `init`.
+pub const DEFAULT_POLICY_TESTS: &str = include_str!("../examples/default/tests/default.json");
 
 /// The schema every policy is validated against, as Cedar source.
 pub const SCHEMA: &str = include_str!("../schema/postern.cedarschema");
 
-/// A validated set of policies, ready to answer requests. Immutable: reloading builds a new one.
+/// A validated set of policies with the entity data loaded beside them, ready to answer
+/// requests. Immutable: reloading builds a new one.
 pub struct Policies {
     set: PolicySet,
     schema: Schema,
     count: usize,
+    directory: Directory,
 }
 
 /// The answer to a request.
@@ -60,22 +76,16 @@ impl Policies {
         self.count == 0
     }
 
-    /// Decides whether `request.principal` may open a stream to `request.service`.
-    pub fn authorize_connect(&self, request: &ConnectRequest<'_>) -> Decision {
-        self.decide(request.to_cedar(&self.schema))
+    /// The users and groups of `entities.json`.
+    pub fn directory(&self) -> &Directory {
+        &self.directory
     }
 
-    /// Decides whether a login may be certified (`enroll`) or renewed (`renew`).
-    pub fn authorize_login(&self, request: &LoginRequest<'_>) -> Decision {
-        self.decide(request.to_cedar(&self.schema))
-    }
-
-    fn decide(
-        &self,
-        built: Result<(cedar_policy::Request, cedar_policy::Entities), String>,
-    ) -> Decision {
-        match built {
-            Ok((request, entities)) => {
+    /// Decides a request. A request that cannot be put in Cedar's terms is denied, with the
+    /// reason among the errors.
+    pub fn authorize(&self, request: &Request<'_>) -> Decision {
+        match request.to_cedar(&self.schema, &self.directory) {
+            Ok(request::Built { request, entities }) => {
                 let response = Authorizer::new().is_authorized(&request, &self.set, &entities);
                 let effect = match response.decision() {
                     cedar_policy::Decision::Allow => Effect::Allow,
@@ -101,6 +111,7 @@ impl fmt::Debug for Policies {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Policies")
             .field("count", &self.count)
+            .field("entities", &self.directory.len())
             .finish_non_exhaustive()
     }
 }
@@ -110,6 +121,15 @@ impl Decision {
     pub fn is_allowed(&self) -> bool {
         self.effect == Effect::Allow
     }
+}
+
+/// Formats Cedar policy text the way `postern-policy fmt` does. Comments are kept.
+pub fn format(text: &str) -> Result<String, String> {
+    let config = cedar_policy_formatter::Config {
+        line_width: 100,
+        indent_width: 2,
+    };
+    cedar_policy_formatter::policies_str_to_pretty(text, &config).map_err(|e| e.to_string())
 }
 
 impl Effect {

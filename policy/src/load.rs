@@ -7,7 +7,10 @@ use std::str::FromStr;
 
 use cedar_policy::{PolicyId, PolicySet, Schema, ValidationMode, Validator};
 
-use crate::{Policies, SCHEMA};
+use crate::{Directory, Policies, SCHEMA};
+
+/// The file of a policy folder that holds entity data: users and groups beyond the token.
+pub const ENTITIES_FILE: &str = "entities.json";
 
 /// A policy file: its name, for messages and policy ids, and its text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +57,8 @@ pub enum LoadError {
 }
 
 impl Policies {
-    /// Loads every `*.cedar` file in `dir` (not its subfolders), in name order.
+    /// Loads every `*.cedar` file in `dir` (not its subfolders), in name order, and
+    /// `entities.json` when it is there.
     pub fn load_dir(dir: &Path) -> Result<Self, LoadError> {
         let read_err = |path: &Path| {
             let path = path.to_owned();
@@ -79,17 +83,31 @@ impl Policies {
                 Ok(Source { name, text })
             })
             .collect::<Result<Vec<_>, LoadError>>()?;
-        Self::from_sources(&sources).map_err(|err| match err {
+        let entities_path = dir.join(ENTITIES_FILE);
+        let entities = match std::fs::read_to_string(&entities_path) {
+            Ok(text) => Some(Source {
+                name: ENTITIES_FILE.to_owned(),
+                text,
+            }),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(LoadError::Read {
+                    path: entities_path,
+                    source,
+                });
+            }
+        };
+        Self::from_sources(&sources, entities.as_ref()).map_err(|err| match err {
             LoadError::Empty(_) => LoadError::Empty(dir.to_owned()),
             other => other,
         })
     }
 
-    /// Parses and validates policies from memory.
+    /// Parses and validates policies, and the entity data of `entities`, from memory.
     ///
     /// A policy's id is its `@id("…")` annotation, or `<file>#<n>` for the n-th policy of a file
     /// without one. Ids must be unique across files.
-    pub fn from_sources(sources: &[Source]) -> Result<Self, LoadError> {
+    pub fn from_sources(sources: &[Source], entities: Option<&Source>) -> Result<Self, LoadError> {
         let schema = Schema::from_cedarschema_str(SCHEMA)
             .map_err(|e| LoadError::Schema(e.to_string()))?
             .0;
@@ -146,6 +164,19 @@ impl Policies {
                 problems.push(Diagnostic::new(&sources[index], error));
             }
         }
+        let directory = match entities.map(|source| (source, Directory::parse(&source.text))) {
+            None => Directory::default(),
+            Some((_, Ok(directory))) => directory,
+            Some((source, Err(err))) => {
+                problems.push(Diagnostic {
+                    file: source.name.clone(),
+                    line: err.line,
+                    column: err.column,
+                    message: err.message,
+                });
+                Directory::default()
+            }
+        };
         if !problems.is_empty() {
             return Err(LoadError::Invalid(problems));
         }
@@ -156,6 +187,7 @@ impl Policies {
             set,
             schema,
             count: origin.len(),
+            directory,
         })
     }
 }
@@ -221,7 +253,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
-    use crate::{Authentication, ConnectRequest, Effect, Principal, Service};
+    use crate::{Action, Authentication, Certificate, Effect, Principal, Request, Service};
 
     fn source(name: &str, text: &str) -> Source {
         Source {
@@ -252,14 +284,22 @@ mod tests {
             protocol: "tcp".into(),
             tags: vec![],
         };
-        policies.authorize_connect(&ConnectRequest {
+        let zoned = jiff::Timestamp::from_second(1_800_000_000)
+            .unwrap()
+            .to_zoned(jiff::tz::TimeZone::UTC);
+        policies.authorize(&Request {
             principal: &principal,
             authentication: &authentication,
             device: "0011",
-            certificate_not_after: now + Duration::from_secs(3600),
-            service: &service,
             source: "::ffff:192.0.2.1".parse::<IpAddr>().unwrap(),
-            now,
+            now: &zoned,
+            action: Action::Connect {
+                service: &service,
+                certificate: Certificate {
+                    not_before: now - Duration::from_secs(60),
+                    not_after: now + Duration::from_secs(3600),
+                },
+            },
         })
     }
 
@@ -268,7 +308,7 @@ mod tests {
         let policies = Policies::from_sources(&[
             source("a.cedar", "@id(\"staff-mail\")\npermit (principal in Group::\"staff\", action == Action::\"connect\", resource == Service::\"imap\");"),
             source("b.cedar", "forbid (principal, action, resource) when { context.source_ip.isInRange(ip(\"192.0.2.0/24\")) && resource.name == \"ssh\" };\npermit (principal, action, resource == Service::\"ssh\");"),
-        ])
+        ], None)
         .unwrap();
         assert_eq!(policies.len(), 3);
 
@@ -293,18 +333,21 @@ mod tests {
     fn context_carries_authentication() {
         let policies = Policies::from_sources(&[source(
             "mfa.cedar",
-            "permit (principal, action == Action::\"connect\", resource) when { context.authentication.amr.contains(\"otp\") && context.authentication.age_seconds == 600 && context.certificate_expires_in_seconds == 3600 && principal has email && principal.email == \"alice@example.org\" };",
-        )])
+            "permit (principal, action == Action::\"connect\", resource) when { context.authentication.amr.contains(\"otp\") && context.authentication.age_seconds == 600 && context.certificate.expires_in_seconds == 3600 && context.certificate.age_seconds == 60 && context.time.hour == 8 && context.time.weekday == \"friday\" && context.time.datetime == datetime(\"2027-01-15T08:00:00Z\") && principal has email && principal.email == \"alice@example.org\" };",
+        )], None)
         .unwrap();
         assert!(connect(&policies, &[], "imap").is_allowed());
     }
 
     #[test]
     fn errors_point_at_file_line_and_column() {
-        let err = Policies::from_sources(&[source(
-            "bad.cedar",
-            "\n\npermit (principal, action, resource) when { principal.emial == \"x\" };",
-        )])
+        let err = Policies::from_sources(
+            &[source(
+                "bad.cedar",
+                "\n\npermit (principal, action, resource) when { principal.emial == \"x\" };",
+            )],
+            None,
+        )
         .unwrap_err();
         let LoadError::Invalid(problems) = &err else {
             panic!("{err}")
@@ -317,10 +360,13 @@ mod tests {
         assert!(problems[0].column > 1, "{err}");
         assert!(err.to_string().contains("emial"), "{err}");
 
-        let err = Policies::from_sources(&[source(
-            "syntax.cedar",
-            "permit (principal, action, resource",
-        )])
+        let err = Policies::from_sources(
+            &[source(
+                "syntax.cedar",
+                "permit (principal, action, resource",
+            )],
+            None,
+        )
         .unwrap_err();
         assert!(
             err.to_string()
@@ -329,15 +375,16 @@ mod tests {
         );
 
         let dup = "@id(\"x\") permit (principal, action, resource);";
-        let err = Policies::from_sources(&[source("one.cedar", dup), source("two.cedar", dup)])
-            .unwrap_err();
+        let err =
+            Policies::from_sources(&[source("one.cedar", dup), source("two.cedar", dup)], None)
+                .unwrap_err();
         assert!(
             err.to_string().contains("already used in `one.cedar`"),
             "{err}"
         );
 
         assert!(matches!(
-            Policies::from_sources(&[source("empty.cedar", "// nothing")]),
+            Policies::from_sources(&[source("empty.cedar", "// nothing")], None),
             Err(LoadError::Empty(_))
         ));
     }

@@ -1,4 +1,5 @@
-//! The one mapping from a request to Cedar entities and context.
+//! The one mapping from a request to Cedar entities and context, used by the broker and by
+//! `postern-policy` alike.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -6,11 +7,14 @@ use std::str::FromStr;
 use std::time::SystemTime;
 
 use cedar_policy::{
-    Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Request, RestrictedExpression,
-    Schema,
+    Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression, Schema,
 };
+use jiff::Zoned;
+use postern_certs::{Identity, Issuance};
 
-/// Who is asking, as the certificate says.
+use crate::directory::Directory;
+
+/// Who is asking, as the certificate (or the ID token) says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     /// The user id URI, `<issuer>#<subject>`: the Cedar `User` id.
@@ -47,166 +51,267 @@ pub struct Authentication {
 pub struct Service {
     /// Its name, the Cedar `Service` id.
     pub name: String,
-    /// `tcp` or, later, `imap`.
+    /// `tcp` or `imap`.
     pub protocol: String,
     /// Free-form tags from `broker.toml`.
     pub tags: Vec<String>,
 }
 
-/// A request to open a stream to a service.
-#[derive(Debug, Clone)]
-pub struct ConnectRequest<'a> {
-    /// Who.
-    pub principal: &'a Principal,
-    /// How they authenticated.
-    pub authentication: &'a Authentication,
-    /// The device id from the certificate.
-    pub device: &'a str,
-    /// When the certificate expires.
-    pub certificate_not_after: SystemTime,
-    /// Which service.
-    pub service: &'a Service,
-    /// The address the connection comes from.
-    pub source: IpAddr,
-    /// The time of the decision.
-    pub now: SystemTime,
-}
-
-/// Which login decision is asked.
+/// The client certificate of a tunnel connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoginAction {
-    /// A person logged in at the IdP and the broker would certify a new device key.
-    Enroll,
-    /// An agent asks for a new certificate for an existing login.
-    Renew,
+pub struct Certificate {
+    /// When it was issued.
+    pub not_before: SystemTime,
+    /// When it ends.
+    pub not_after: SystemTime,
 }
 
-/// A request to certify a key for a login (`enroll`) or to renew one (`renew`).
-#[derive(Debug, Clone)]
-pub struct LoginRequest<'a> {
-    /// Enroll or renew.
-    pub action: LoginAction,
-    /// Who, from the ID token (or the sealed login, for a renewal).
-    pub principal: &'a Principal,
-    /// How they authenticated.
-    pub authentication: &'a Authentication,
+/// What the IdP said about a login, beyond the identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginFacts {
     /// Whether the IdP said the email is verified.
     pub email_verified: bool,
     /// Whether the IdP sent `auth_time` (rather than the broker taking `iat`).
     pub auth_time_reported: bool,
-    /// The broker-assigned device id.
-    pub device: &'a str,
-    /// The broker's hostname.
-    pub broker: &'a str,
-    /// The address the enrollment connection comes from.
-    pub source: IpAddr,
-    /// The time of the decision.
-    pub now: SystemTime,
 }
 
-impl LoginAction {
-    /// The Cedar action id.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LoginAction::Enroll => "enroll",
-            LoginAction::Renew => "renew",
+/// The action asked for, with the resource and the facts only that action has.
+#[derive(Debug, Clone, Copy)]
+pub enum Action<'a> {
+    /// A person logged in at the IdP and the broker would certify a new device key.
+    Enroll {
+        /// The broker's hostname: the `Broker` resource.
+        broker: &'a str,
+        /// What the IdP said.
+        login: LoginFacts,
+    },
+    /// An agent asks for a new certificate for an existing login.
+    Renew {
+        /// The broker's hostname: the `Broker` resource.
+        broker: &'a str,
+        /// What the IdP said at the refresh.
+        login: LoginFacts,
+    },
+    /// A tunnel stream to a service.
+    Connect {
+        /// The service.
+        service: &'a Service,
+        /// The connection's certificate.
+        certificate: Certificate,
+    },
+    /// A login to a mailbox on an IMAP service.
+    ImapLogin {
+        /// The canonical login name: the `Mailbox` id.
+        mailbox: &'a str,
+        /// The IMAP service.
+        service: &'a Service,
+        /// The connection's certificate.
+        certificate: Certificate,
+    },
+}
+
+/// Everything a decision is asked about.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    /// Who.
+    pub principal: &'a Principal,
+    /// How they authenticated.
+    pub authentication: &'a Authentication,
+    /// The broker-assigned device id.
+    pub device: &'a str,
+    /// The address the connection comes from.
+    pub source: IpAddr,
+    /// The time of the decision, in the broker's time zone.
+    pub now: &'a Zoned,
+    /// What is asked.
+    pub action: Action<'a>,
+}
+
+impl Principal {
+    /// The policy view of a certificate's identity.
+    pub fn from_identity(identity: &Identity) -> Self {
+        Self {
+            id: identity.user.uri(),
+            issuer: identity.user.issuer().to_owned(),
+            subject: identity.user.subject().to_owned(),
+            email: identity.email.clone(),
+            name: identity.name.clone(),
+            groups: identity.groups.clone(),
         }
     }
 }
 
-impl LoginRequest<'_> {
-    pub(crate) fn to_cedar(&self, schema: &Schema) -> Result<(Request, Entities), String> {
-        let user = uid("User", &self.principal.id)?;
-        let broker = uid("Broker", self.broker)?;
-        let action = uid("Action", self.action.as_str())?;
-        let broker_entity = Entity::new(
-            broker.clone(),
-            HashMap::from([("name".to_owned(), string(self.broker))]),
-            HashSet::new(),
-        )
-        .map_err(|e| e.to_string())?;
-        let entities = entities(self.principal, broker_entity, schema)?;
-        let context = context(
-            self.source,
-            self.authentication,
-            self.device,
-            self.now,
-            [
-                (
-                    "email_verified",
-                    RestrictedExpression::new_bool(self.email_verified),
-                ),
-                (
-                    "auth_time_reported",
-                    RestrictedExpression::new_bool(self.auth_time_reported),
-                ),
-            ],
-        )?;
-        let request =
-            Request::new(user, action, broker, context, Some(schema)).map_err(|e| e.to_string())?;
-        Ok((request, entities))
+impl Authentication {
+    /// The policy view of how a certificate's identity authenticated.
+    pub fn from_identity(identity: &Identity) -> Self {
+        let auth = &identity.auth;
+        Self {
+            issuance: auth.issuance.kind(),
+            flow: match auth.issuance {
+                Issuance::Login(flow) => Some(flow.as_str()),
+                Issuance::Admin => None,
+            },
+            amr: auth.amr.clone(),
+            acr: auth.acr.clone(),
+            auth_time: auth.auth_time,
+        }
     }
 }
 
-/// The principal with its groups, and the resource, checked against the schema.
-fn entities(principal: &Principal, resource: Entity, schema: &Schema) -> Result<Entities, String> {
-    let mut entities = principal_entities(principal)?;
-    entities.push(resource);
-    Entities::from_entities(entities, Some(schema)).map_err(|e| e.to_string())
+impl Action<'_> {
+    /// The Cedar action id.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Action::Enroll { .. } => "enroll",
+            Action::Renew { .. } => "renew",
+            Action::Connect { .. } => "connect",
+            Action::ImapLogin { .. } => "imap_login",
+        }
+    }
 }
 
-/// The context every action shares — where from, how authenticated, which device — and the
-/// action's own fields.
-fn context<const N: usize>(
-    source: IpAddr,
-    auth: &Authentication,
-    device: &str,
-    now: SystemTime,
-    own: [(&str, RestrictedExpression); N],
-) -> Result<Context, String> {
-    let shared = [
-        (
-            "source_ip".to_owned(),
-            RestrictedExpression::new_ip(canonical_ip(source).to_string()),
-        ),
-        ("authentication".to_owned(), authentication(auth, now)?),
-        ("device".to_owned(), string(device)),
-    ];
-    Context::from_pairs(
-        shared.into_iter().chain(
-            own.into_iter()
+/// A request in Cedar's terms.
+pub(crate) struct Built {
+    pub(crate) request: cedar_policy::Request,
+    pub(crate) entities: Entities,
+}
+
+impl Request<'_> {
+    pub(crate) fn to_cedar(&self, schema: &Schema, directory: &Directory) -> Result<Built, String> {
+        let user = uid("User", &self.principal.id)?;
+        let action = uid("Action", self.action.as_str())?;
+        let now = self.now.timestamp().as_second();
+        let now = SystemTime::UNIX_EPOCH
+            .checked_add(std::time::Duration::from_secs(
+                u64::try_from(now).unwrap_or(0),
+            ))
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut own: Vec<(&str, RestrictedExpression)> = Vec::new();
+        let resource = match self.action {
+            Action::Enroll { broker, login } | Action::Renew { broker, login } => {
+                own.push((
+                    "email_verified",
+                    RestrictedExpression::new_bool(login.email_verified),
+                ));
+                own.push((
+                    "auth_time_reported",
+                    RestrictedExpression::new_bool(login.auth_time_reported),
+                ));
+                entity("Broker", broker, [("name", string(broker))])?
+            }
+            Action::Connect {
+                service,
+                certificate,
+            } => {
+                own.push(("certificate", certificate_record(certificate, now)?));
+                service_entity(service)?
+            }
+            Action::ImapLogin {
+                mailbox,
+                service,
+                certificate,
+            } => {
+                own.push(("certificate", certificate_record(certificate, now)?));
+                entity(
+                    "Mailbox",
+                    mailbox,
+                    [
+                        ("name", string(mailbox)),
+                        ("service", string(&service.name)),
+                    ],
+                )?
+            }
+        };
+        let mut entities = directory.principal_entities(self.principal)?;
+        let resource_uid = resource.uid();
+        entities.push(resource);
+        let entities =
+            Entities::from_entities(entities, Some(schema)).map_err(|e| e.to_string())?;
+        let shared = [
+            (
+                "source_ip",
+                RestrictedExpression::new_ip(canonical_ip(self.source).to_string()),
+            ),
+            ("time", time_record(self.now)?),
+            ("authentication", authentication(self.authentication, now)?),
+            ("device", string(self.device)),
+        ];
+        let context = Context::from_pairs(
+            shared
+                .into_iter()
+                .chain(own)
                 .map(|(name, value)| (name.to_owned(), value)),
-        ),
-    )
-    .map_err(|e| e.to_string())
+        )
+        .map_err(|e| e.to_string())?;
+        let request = cedar_policy::Request::new(user, action, resource_uid, context, Some(schema))
+            .map_err(|e| e.to_string())?;
+        Ok(Built { request, entities })
+    }
 }
 
-/// The `User` entity and its `Group` parents.
-fn principal_entities(principal: &Principal) -> Result<Vec<Entity>, String> {
-    let user = uid("User", &principal.id)?;
-    let mut user_attrs = HashMap::from([
+/// Attributes of a `User` beyond issuer and subject.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct UserAttributes {
+    pub(crate) email: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) disabled: Option<bool>,
+    pub(crate) tags: Option<Vec<String>>,
+}
+
+/// Builds a `User` entity.
+pub(crate) fn user_entity(
+    principal: &Principal,
+    attributes: &UserAttributes,
+    parents: HashSet<EntityUid>,
+) -> Result<Entity, String> {
+    let mut attrs = HashMap::from([
         ("issuer".to_owned(), string(&principal.issuer)),
         ("subject".to_owned(), string(&principal.subject)),
     ]);
-    if let Some(email) = &principal.email {
-        user_attrs.insert("email".to_owned(), string(email));
+    if let Some(email) = &attributes.email {
+        attrs.insert("email".to_owned(), string(email));
     }
-    if let Some(name) = &principal.name {
-        user_attrs.insert("name".to_owned(), string(name));
+    if let Some(name) = &attributes.name {
+        attrs.insert("name".to_owned(), string(name));
     }
-    let groups = principal
-        .groups
-        .iter()
-        .map(|g| uid("Group", g))
-        .collect::<Result<HashSet<_>, _>>()?;
-    let mut entities =
-        vec![Entity::new(user, user_attrs, groups.clone()).map_err(|e| e.to_string())?];
-    entities.extend(
-        groups
+    if let Some(disabled) = attributes.disabled {
+        attrs.insert(
+            "disabled".to_owned(),
+            RestrictedExpression::new_bool(disabled),
+        );
+    }
+    if let Some(tags) = &attributes.tags {
+        attrs.insert("tags".to_owned(), set(tags));
+    }
+    Entity::new(uid("User", &principal.id)?, attrs, parents).map_err(|e| e.to_string())
+}
+
+fn service_entity(service: &Service) -> Result<Entity, String> {
+    entity(
+        "Service",
+        &service.name,
+        [
+            ("name", string(&service.name)),
+            ("protocol", string(&service.protocol)),
+            ("tags", set(&service.tags)),
+        ],
+    )
+}
+
+fn entity<const N: usize>(
+    kind: &str,
+    id: &str,
+    attrs: [(&str, RestrictedExpression); N],
+) -> Result<Entity, String> {
+    Entity::new(
+        uid(kind, id)?,
+        attrs
             .into_iter()
-            .map(|g| Entity::new_no_attrs(g, HashSet::new())),
-    );
-    Ok(entities)
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect(),
+        HashSet::new(),
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// The `Authentication` record of the context.
@@ -228,39 +333,65 @@ fn authentication(auth: &Authentication, now: SystemTime) -> Result<RestrictedEx
     RestrictedExpression::new_record(fields).map_err(|e| e.to_string())
 }
 
-impl ConnectRequest<'_> {
-    pub(crate) fn to_cedar(&self, schema: &Schema) -> Result<(Request, Entities), String> {
-        let user = uid("User", &self.principal.id)?;
-        let service = uid("Service", &self.service.name)?;
-        let action = uid("Action", "connect")?;
-        let service_attrs = HashMap::from([
-            ("name".to_owned(), string(&self.service.name)),
-            ("protocol".to_owned(), string(&self.service.protocol)),
-            ("tags".to_owned(), set(&self.service.tags)),
-        ]);
-        let service_entity = Entity::new(service.clone(), service_attrs, HashSet::new())
-            .map_err(|e| e.to_string())?;
-        let entities = entities(self.principal, service_entity, schema)?;
-        let context = context(
-            self.source,
-            self.authentication,
-            self.device,
-            self.now,
-            [(
-                "certificate_expires_in_seconds",
-                RestrictedExpression::new_long(seconds_between(
-                    self.now,
-                    self.certificate_not_after,
-                )),
-            )],
-        )?;
-        let request = Request::new(user, action, service, context, Some(schema))
-            .map_err(|e| e.to_string())?;
-        Ok((request, entities))
-    }
+fn certificate_record(
+    certificate: Certificate,
+    now: SystemTime,
+) -> Result<RestrictedExpression, String> {
+    RestrictedExpression::new_record([
+        (
+            "age_seconds".to_owned(),
+            RestrictedExpression::new_long(seconds_between(certificate.not_before, now)),
+        ),
+        (
+            "expires_in_seconds".to_owned(),
+            RestrictedExpression::new_long(seconds_between(now, certificate.not_after)),
+        ),
+    ])
+    .map_err(|e| e.to_string())
 }
 
-fn uid(kind: &str, id: &str) -> Result<EntityUid, String> {
+/// The `Time` record: the instant, and wall-clock fields in the configured zone.
+fn time_record(now: &Zoned) -> Result<RestrictedExpression, String> {
+    let instant = now
+        .timestamp()
+        .strftime("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string();
+    let weekday = match now.weekday() {
+        jiff::civil::Weekday::Monday => "monday",
+        jiff::civil::Weekday::Tuesday => "tuesday",
+        jiff::civil::Weekday::Wednesday => "wednesday",
+        jiff::civil::Weekday::Thursday => "thursday",
+        jiff::civil::Weekday::Friday => "friday",
+        jiff::civil::Weekday::Saturday => "saturday",
+        jiff::civil::Weekday::Sunday => "sunday",
+    };
+    RestrictedExpression::new_record([
+        (
+            "datetime".to_owned(),
+            RestrictedExpression::new_datetime(instant),
+        ),
+        (
+            "hour".to_owned(),
+            RestrictedExpression::new_long(now.hour().into()),
+        ),
+        (
+            "minute".to_owned(),
+            RestrictedExpression::new_long(now.minute().into()),
+        ),
+        ("weekday".to_owned(), string(weekday)),
+        (
+            "date".to_owned(),
+            string(&now.date().strftime("%Y-%m-%d").to_string()),
+        ),
+        (
+            "zone".to_owned(),
+            string(now.time_zone().iana_name().unwrap_or("UTC")),
+        ),
+    ])
+    .map_err(|e| e.to_string())
+}
+
+pub(crate) fn uid(kind: &str, id: &str) -> Result<EntityUid, String> {
     let kind = EntityTypeName::from_str(kind).map_err(|e| e.to_string())?;
     Ok(EntityUid::from_type_name_and_id(kind, EntityId::new(id)))
 }
@@ -274,7 +405,7 @@ fn set(values: &[String]) -> RestrictedExpression {
 }
 
 /// Seconds from `from` to `to`, negative when `to` is earlier.
-fn seconds_between(from: SystemTime, to: SystemTime) -> i64 {
+pub(crate) fn seconds_between(from: SystemTime, to: SystemTime) -> i64 {
     match to.duration_since(from) {
         Ok(ahead) => i64::try_from(ahead.as_secs()).unwrap_or(i64::MAX),
         Err(behind) => i64::try_from(behind.duration().as_secs()).map_or(i64::MIN, |s| -s),

@@ -12,6 +12,8 @@ mod deny;
 mod expiry;
 mod local_user;
 mod login;
+mod reauthorization;
 mod renewal;
+mod revocation;
 mod shutdown;
 mod tunnel;

@@ -150,3 +150,51 @@ pub async fn echo_server() -> SocketAddr {
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
+
+/// A mail client idling in INBOX (`tests/clients/imap_idle.py`): a session that lives for as
+/// long as nobody ends it.
+#[derive(Debug)]
+pub struct ImapIdle {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl ImapIdle {
+    /// Logs in at `addr` and returns once the server accepted IDLE.
+    pub async fn start(addr: SocketAddr, ca: &Path, user: &str, password: &str) -> Self {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut child = tokio::process::Command::new("python3")
+            .arg(workspace().join("tests/clients/imap_idle.py"))
+            .args(["--host", &addr.ip().to_string()])
+            .args(["--port", &addr.port().to_string()])
+            .arg("--cafile")
+            .arg(ca)
+            .args(["--user", user, "--password", password])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 runs");
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the client logs in within 30 s")
+            .unwrap();
+        assert_eq!(first.as_deref(), Some("idling"), "the client is idling");
+        Self { child, lines }
+    }
+
+    /// Waits up to `limit` for the session to end; how it ended, or `None` if it still lives.
+    pub async fn ended_within(&mut self, limit: std::time::Duration) -> Option<String> {
+        match tokio::time::timeout(limit, self.lines.next_line()).await {
+            Ok(Ok(Some(line))) => Some(line),
+            Ok(_) => Some("closed: the client exited".into()),
+            Err(_) => None,
+        }
+    }
+
+    /// Whether the session is still open.
+    pub fn is_open(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
