@@ -11,6 +11,7 @@
 )]
 
 mod latency;
+mod policy;
 mod setup;
 mod throughput;
 
@@ -20,7 +21,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 /// Measures Postern against direct TCP, `ssh -L`, stunnel and bare QUIC: bulk throughput, and
-/// connect latency over a warm path.
+/// connect latency over a warm path; and the cost of policy decisions and re-checks.
 #[derive(Debug, Parser)]
 #[command(name = "postern-bench")]
 struct Cli {
@@ -33,6 +34,15 @@ struct Cli {
     /// Connects measured per path for connect latency.
     #[arg(long, default_value_t = 300)]
     tries: usize,
+    /// Cedar decisions measured per policy-set size.
+    #[arg(long, default_value_t = 20_000)]
+    decisions: usize,
+    /// Live sessions re-checked after a change.
+    #[arg(long, default_value_t = 10_000)]
+    sessions: usize,
+    /// Run only these parts (repeat): throughput, latency, policy. Default: all.
+    #[arg(long = "only", value_name = "PART")]
+    only: Vec<String>,
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -44,16 +54,32 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("a runtime");
+    let wanted = |part: &str| cli.only.is_empty() || cli.only.iter().any(|p| p == part);
     let measured = runtime.block_on(async {
-        let throughput = throughput::run(cli.mib, cli.runs).await?;
-        let latency = latency::run(cli.tries).await?;
-        anyhow::Ok((throughput, latency))
+        let mut tables = Vec::new();
+        let mut json = Vec::new();
+        if wanted("throughput") {
+            let throughput = throughput::run(cli.mib, cli.runs).await?;
+            tables.push(throughput.table());
+            json.push(throughput.json());
+        }
+        if wanted("latency") {
+            let latency = latency::run(cli.tries).await?;
+            tables.push(latency.table());
+            json.push(latency.json());
+        }
+        if wanted("policy") {
+            let policy = policy::run(cli.decisions, cli.sessions).await?;
+            tables.push(policy.table());
+            json.push(policy.json());
+        }
+        anyhow::Ok((tables, json))
     });
     match measured {
-        Ok((throughput, latency)) => {
-            println!("{}\n{}", throughput.table(), latency.table());
+        Ok((tables, json)) => {
+            println!("{}", tables.join("\n"));
             if let Some(path) = cli.json {
-                let json = serde_json::json!([throughput.json(), latency.json()]);
+                let json = serde_json::Value::Array(json);
                 std::fs::write(&path, json.to_string()).expect("the JSON file is writable");
                 println!("JSON written to {}", path.display());
             }

@@ -45,6 +45,28 @@ pub struct Authority {
     seen: Mutex<Fingerprint>,
     /// Reloads refused because a file was invalid.
     rejected: AtomicU64,
+    /// Changes taken in.
+    reloads: AtomicU64,
+    /// Sessions ended by a re-check.
+    ended: AtomicU64,
+    /// Duration of the last re-check, in microseconds.
+    last_recheck_micros: AtomicU64,
+    /// SIGHUP, once installed: from then on it reloads instead of ending the process.
+    #[cfg(unix)]
+    hangup: Mutex<Option<tokio::signal::unix::Signal>>,
+}
+
+/// What the authority has done since the broker started, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Changes taken in.
+    pub reloads: u64,
+    /// Changes refused because a file was invalid.
+    pub rejected: u64,
+    /// Sessions ended by a re-check.
+    pub ended: u64,
+    /// How long the last re-check took.
+    pub last_recheck: Duration,
 }
 
 /// A live session, as the re-check sees it.
@@ -137,7 +159,26 @@ impl Authority {
             sessions: Mutex::new(HashMap::new()),
             seen: Mutex::new(Fingerprint::read(dir)),
             rejected: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
+            last_recheck_micros: AtomicU64::new(0),
+            #[cfg(unix)]
+            hangup: Mutex::new(None),
         }
+    }
+
+    /// Installs the SIGHUP handler now, so that a reload asked for before serving begins does
+    /// not end the process. Must run inside a Tokio runtime.
+    pub fn listen_for_hangup(&self) -> std::io::Result<()> {
+        #[cfg(unix)]
+        {
+            let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            *self
+                .hangup
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(signal);
+        }
+        Ok(())
     }
 
     /// The snapshot in force.
@@ -154,6 +195,16 @@ impl Authority {
     /// Reloads refused so far.
     pub fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// What happened since the start.
+    pub fn counters(&self) -> Counters {
+        Counters {
+            reloads: self.reloads.load(Ordering::Relaxed),
+            rejected: self.rejected(),
+            ended: self.ended.load(Ordering::Relaxed),
+            last_recheck: Duration::from_micros(self.last_recheck_micros.load(Ordering::Relaxed)),
+        }
     }
 
     /// Live sessions.
@@ -251,6 +302,7 @@ impl Authority {
             trigger: why,
         });
         self.current.send_replace(Arc::new(snapshot));
+        self.reloads.fetch_add(1, Ordering::Relaxed);
         true
     }
 
@@ -310,6 +362,11 @@ impl Authority {
             tokio::task::yield_now().await;
         }
         let elapsed = started.elapsed();
+        self.ended.fetch_add(ended as u64, Ordering::Relaxed);
+        self.last_recheck_micros.store(
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         if ended > 0 || elapsed > Duration::from_millis(100) {
             info!(
                 generation = snapshot.generation,
@@ -324,8 +381,11 @@ impl Authority {
 
     async fn watch(self: Arc<Self>, audit: Arc<Audit>, stop: CancellationToken) {
         #[cfg(unix)]
-        let mut hangup =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut hangup = self
+            .hangup
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         let mut poll = tokio::time::interval(POLL);
         let mut pending: Option<Fingerprint> = None;
         loop {

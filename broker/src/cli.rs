@@ -497,7 +497,12 @@ fn revoke(
                 added: reason.is_some(),
                 reason: reason.as_deref().unwrap_or(""),
             })
-            .context("cannot write the audit trail")
+            .with_context(|| {
+                format!(
+                    "{target} is {} in revocations.json, but the audit trail could not record it; fix the audit trail and note the change by hand",
+                    if reason.is_some() { "revoked" } else { "no longer revoked" }
+                )
+            })
             .map_err(|error| Failure { code: 1, error })?;
         match &reason {
             Some(_) => println!(

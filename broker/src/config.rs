@@ -67,6 +67,8 @@ pub struct Config {
     pub policy: PolicySettings,
     /// Where audit events go.
     pub audit: AuditTarget,
+    /// The TCP address of the Prometheus metrics endpoint (`GET /metrics`). Default: none.
+    pub metrics: Option<SocketAddr>,
     /// Timeouts and limits.
     pub limits: Limits,
     /// The services agents may reach, and nothing else.
@@ -225,6 +227,8 @@ struct RawConfig {
     #[serde(default)]
     audit: RawAudit,
     #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
     services: BTreeMap<String, RawService>,
@@ -281,6 +285,12 @@ struct RawPolicy {
     dir: Option<PathBuf>,
     time_zone: Option<String>,
     recheck_interval: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -415,6 +425,19 @@ impl Config {
                 DEFAULT_RECHECK_INTERVAL,
             )?,
         };
+
+        let metrics = raw
+            .metrics
+            .listen
+            .map(|text| {
+                text.parse::<SocketAddr>().map_err(|_| {
+                    invalid(
+                        "metrics.listen",
+                        format!("`{text}` is not an address such as \"127.0.0.1:9464\""),
+                    )
+                })
+            })
+            .transpose()?;
 
         let audit = match raw.audit.path.as_deref() {
             None => AuditTarget::File(base.join("audit.jsonl")),
@@ -609,6 +632,7 @@ impl Config {
             policy_dir: base.join(raw.policy.dir.unwrap_or_else(|| PathBuf::from("policies"))),
             policy,
             audit,
+            metrics,
             limits,
             services,
             oidc,
@@ -748,7 +772,9 @@ client_ca_key = "pki/client-ca.key"
 # max_cert_lifetime = "24h"
 
 [policy]
-# Folder of Cedar policies (*.cedar), checked against the schema at start. Default: "policies".
+# Folder of Cedar policies (*.cedar), entities.json and revocations.json, checked against the
+# schema at start and taken in again whenever they change (or on SIGHUP); a change that does
+# not validate is refused and the previous version stays. Default: "policies".
 # dir = "policies"
 # The time zone of context.time (hour, weekday, date) for office-hours rules: an IANA name such
 # as "Europe/Madrid". Default: "UTC".
@@ -761,6 +787,12 @@ client_ca_key = "pki/client-ca.key"
 # Where audit events go, one JSON object per line: a file, or "-" for standard output.
 # Default: "audit.jsonl".
 # path = "audit.jsonl"
+
+[metrics]
+# TCP address of a Prometheus endpoint (GET /metrics): policy generation, refused reloads,
+# open sessions, sessions ended by a re-check. It needs no credentials, so keep it on loopback
+# or a management network. Default: none (off).
+# listen = "127.0.0.1:9464"
 
 [limits]
 # Time allowed to connect to a service. Default: "{connect}".

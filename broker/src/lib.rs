@@ -17,6 +17,7 @@ pub mod enroll;
 pub mod id_token;
 pub mod init;
 pub mod issue;
+mod metrics;
 pub mod oidc;
 pub mod revoke;
 pub mod seal;

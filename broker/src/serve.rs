@@ -37,6 +37,7 @@ use crate::revoke::{Revocations, RevocationsError};
 #[derive(Debug)]
 pub struct Broker {
     endpoint: Endpoint,
+    metrics: Option<tokio::net::TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -70,6 +71,14 @@ pub enum StartError {
     Audit {
         /// The file.
         target: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The metrics address cannot be bound.
+    #[error("cannot listen on TCP {addr} for metrics (`metrics.listen`): {source}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
         /// The cause.
         source: std::io::Error,
     },
@@ -113,7 +122,7 @@ pub(crate) struct Shared {
     abort: CancellationToken,
     next_connection: AtomicU64,
     next_session: AtomicU64,
-    open_sessions: AtomicUsize,
+    pub(crate) open_sessions: AtomicUsize,
     handshakes: AtomicUsize,
 }
 
@@ -161,6 +170,9 @@ impl Broker {
             policies,
             revocations,
         ));
+        if let Err(err) = authority.listen_for_hangup() {
+            warn!(error = %err, "cannot listen for SIGHUP; policy changes are still taken in from the folder");
+        }
         let audit = Arc::new(
             Audit::open(&config.audit).map_err(|source| StartError::Audit {
                 target: match &config.audit {
@@ -185,6 +197,17 @@ impl Broker {
             source,
         })?;
 
+        let metrics = config
+            .metrics
+            .map(|addr| {
+                std::net::TcpListener::bind(addr)
+                    .and_then(|listener| {
+                        listener.set_nonblocking(true)?;
+                        tokio::net::TcpListener::from_std(listener)
+                    })
+                    .map_err(|source| StartError::Metrics { addr, source })
+            })
+            .transpose()?;
         let shared = Shared {
             config,
             verifier,
@@ -201,6 +224,7 @@ impl Broker {
         };
         Ok(Self {
             endpoint,
+            metrics,
             shared: Arc::new(shared),
         })
     }
@@ -210,6 +234,11 @@ impl Broker {
         self.endpoint
             .local_addr()
             .unwrap_or(self.shared.config.listen)
+    }
+
+    /// The address of the metrics endpoint, when `metrics.listen` set one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Cancelling this token starts a graceful shutdown: no new connections or streams, open
@@ -225,7 +254,11 @@ impl Broker {
 
     /// Serves until shut down, then drains.
     pub async fn run(self) {
-        let Broker { endpoint, shared } = self;
+        let Broker {
+            endpoint,
+            metrics,
+            shared,
+        } = self;
         let listen = endpoint.local_addr().unwrap_or(shared.config.listen);
         let policies = shared.authority.current().policies.len();
         shared.audit.record_or_log(&Event::BrokerStart {
@@ -234,6 +267,13 @@ impl Broker {
             services: shared.services.keys().map(ToString::to_string).collect(),
         });
         info!(%listen, policies, "broker serving");
+        if let Some(listener) = metrics {
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                shared.clone(),
+                shared.shutdown.clone(),
+            ));
+        }
         let authority = tokio::spawn(shared.authority.clone().run(
             shared.audit.clone(),
             shared.config.policy.recheck_interval,

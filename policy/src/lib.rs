@@ -10,6 +10,7 @@
 mod directory;
 mod load;
 mod request;
+pub mod revocations;
 mod scenario;
 
 use std::fmt;

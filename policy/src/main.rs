@@ -340,12 +340,7 @@ fn explain(
     let now = SystemTime::now();
     let default_action = action.clone().unwrap_or_else(|| "connect".into());
     let mut scenario = if let Some(path) = &start.certificate {
-        let certificates = postern_certs::store::read_certificates(path)?;
-        let first = certificates
-            .first()
-            .ok_or_else(|| anyhow!("`{}` holds no certificate", path.display()))?;
-        let contents = postern_certs::inspect_unverified(first)
-            .with_context(|| format!("`{}` is not a Postern client certificate", path.display()))?;
+        let contents = certificate(path)?;
         Scenario::from_certificate(
             &contents,
             &default_action,
@@ -388,6 +383,13 @@ fn explain(
         scenario.override_context(&overrides)?;
     }
     let decision = scenario.decide(&policies, &zone)?;
+    let revoked = match postern_policy::revocations::Revocations::load(dir) {
+        Ok(revocations) => scenario.revoked(&revocations, &zone)?,
+        Err(err) => {
+            eprintln!("warning: revocations not checked: {err}");
+            None
+        }
+    };
     if let Some(time) = &scenario.context.time {
         let local = postern_policy::parse_time(time, &zone).map_err(|e| anyhow!(e))?;
         println!(
@@ -407,7 +409,15 @@ fn explain(
         "input:     {}",
         serde_json::to_string(&scenario.context).unwrap_or_default()
     );
-    println!("decision:  {}", decision.effect.as_str());
+    if let Some(reason) = &revoked {
+        println!("revoked:   {reason}");
+        println!(
+            "decision:  deny (revoked: the broker refuses before asking the policies, which would say {})",
+            decision.effect.as_str()
+        );
+    } else {
+        println!("decision:  {}", decision.effect.as_str());
+    }
     if decision.policies.is_empty() {
         let why = if decision.is_allowed() {
             ""
@@ -422,6 +432,25 @@ fn explain(
         println!("error:     {error}");
     }
     Ok(0)
+}
+
+/// The client certificate of an identity bundle (`identity.toml`, `*.bundle`) or of a PEM file.
+fn certificate(path: &Path) -> anyhow::Result<postern_certs::CertificateContents> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read `{}`", path.display()))?;
+    let certificates = match postern_certs::Bundle::from_toml(&text) {
+        Ok(bundle) => vec![bundle.certificate],
+        Err(_) => postern_certs::store::read_certificates(path)?,
+    };
+    certificates
+        .iter()
+        .find_map(|der| postern_certs::inspect_unverified(der).ok())
+        .ok_or_else(|| {
+            anyhow!(
+                "`{}` holds no Postern client certificate; give an identity bundle or the PEM certificate of a device",
+                path.display()
+            )
+        })
 }
 
 fn fmt(paths: &[PathBuf], check: bool) -> anyhow::Result<u8> {

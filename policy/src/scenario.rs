@@ -74,6 +74,8 @@ pub struct ContextSpec {
     pub session_age: String,
     /// The device id. Default `0000000000000000000000000000000a`.
     pub device: String,
+    /// The lineage id (one login and its renewals), for revocations. Default none.
+    pub lineage: Option<String>,
     /// Age of the certificate (connect, imap_login). Default `0s`.
     pub certificate_age: String,
     /// Time until the certificate ends (connect, imap_login). Default `8h`.
@@ -155,6 +157,7 @@ impl Default for ContextSpec {
             acr: None,
             session_age: "0s".into(),
             device: "0000000000000000000000000000000a".into(),
+            lineage: None,
             certificate_age: "0s".into(),
             certificate_expires_in: "8h".into(),
             email_verified: true,
@@ -193,6 +196,7 @@ impl Scenario {
             acr: auth.acr,
             session_age: span(auth.auth_time, now),
             device: identity.auth.device.to_string(),
+            lineage: Some(identity.auth.lineage.to_string()),
             certificate_age: span(contents.not_before, now),
             certificate_expires_in: span(now, contents.not_after),
             ..ContextSpec::default()
@@ -261,6 +265,7 @@ impl Scenario {
         if let Some(device) = text("/postern/device") {
             context.device = device.into();
         }
+        context.lineage = text("/postern/lineage").map(Into::into);
         if let (Some(auth_time), Some(at)) = (
             text("/postern/auth_time").and_then(|t| t.parse::<jiff::Timestamp>().ok()),
             at,
@@ -381,7 +386,7 @@ impl Scenario {
         };
         if self.resource.is_empty() {
             return Err(ScenarioError(
-                "no resource: name the broker (enroll, renew), the service (connect) or the mailbox (imap_login)".into(),
+                "no resource: name the broker (enroll, renew), the service (connect) or the mailbox (imap_login), with --resource or \"resource\"".into(),
             ));
         }
         Ok(policies.authorize(&Request {
@@ -391,6 +396,51 @@ impl Scenario {
             source: c.source_ip,
             now: &now,
             action,
+        }))
+    }
+}
+
+impl Scenario {
+    /// Why the broker would refuse this request before asking the policies: a revocation that
+    /// matches its user (by the login and certificate times), lineage or device.
+    pub fn revoked(
+        &self,
+        revocations: &crate::revocations::Revocations,
+        zone: &TimeZone,
+    ) -> Result<Option<String>, ScenarioError> {
+        let c = &self.context;
+        let bad =
+            |field: &str, err: &dyn std::fmt::Display| ScenarioError(format!("`{field}`: {err}"));
+        let now = match &c.time {
+            None => jiff::Timestamp::from_second(DEFAULT_TIME).map_err(|e| bad("time", &e))?,
+            Some(text) => parse_time(text, zone)
+                .map_err(|e| bad("context.time", &e))?
+                .timestamp(),
+        };
+        // Whole seconds, as certificate times are.
+        let at = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(u64::try_from(now.as_second()).unwrap_or(0));
+        let ago = |field: &str, text: &str| {
+            humantime::parse_duration(text)
+                .map(|d| at.checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH))
+                .map_err(|e| bad(field, &e))
+        };
+        let device = c
+            .device
+            .parse::<postern_certs::DeviceId>()
+            .map_err(|e| bad("context.device", &e))?;
+        let lineage = c
+            .lineage
+            .as_deref()
+            .map(str::parse::<postern_certs::LineageId>)
+            .transpose()
+            .map_err(|e| bad("context.lineage", &e))?;
+        Ok(revocations.check(&crate::revocations::Subject {
+            user: &self.principal.id,
+            auth_time: ago("context.session_age", &c.session_age)?,
+            issued: ago("context.certificate_age", &c.certificate_age)?,
+            lineage: lineage.as_ref(),
+            device: &device,
         }))
     }
 }

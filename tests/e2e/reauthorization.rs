@@ -68,7 +68,10 @@ async fn a_forbid_added_ends_a_live_idle_session_within_two_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_policy_file_changes_nothing() {
-    let (dovecot, gateway, agent) = setup(|_| {}).await;
+    let (dovecot, gateway, agent) = setup(|text| {
+        *text = text.replace("# listen = \"127.0.0.1:9464\"", "listen = \"127.0.0.1:0\"");
+    })
+    .await;
     let mut session = idle(&dovecot, &agent).await;
 
     let typo = gateway.config.policy_dir.join("typo.cedar");
@@ -97,6 +100,16 @@ async fn an_invalid_policy_file_changes_nothing() {
     let fetched = imap_fetch(agent.addr("imap"), &dovecot.ca(), "alice", PASSWORD).await;
     assert!(fetched.is_ok(), "new connections work: {fetched:?}");
     assert!(gateway.audit_events("policy.reload").is_empty());
+    let metrics = gateway.scrape().await;
+    assert!(
+        metrics.contains("\npostern_policy_reload_rejected_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\npostern_policy_generation 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("\npostern_sessions_open 1\n"), "{metrics}");
 
     // Fixed: taken in as the next generation.
     std::fs::remove_file(&typo).unwrap();
@@ -110,7 +123,8 @@ async fn an_invalid_policy_file_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_timer_recheck_ends_a_session_when_a_time_rule_stops_matching() {
     // Access until a moment a few seconds from now, re-checked every second.
-    let until = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(6);
+    // A whole second, as the policy writes it.
+    let until = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() + 6).unwrap();
     let policy = format!(
         "{}\n@id(\"until-the-change-window\")\nforbid (principal, action == Action::\"connect\", resource)\nunless {{ context.time.datetime < datetime(\"{}\") }};\n",
         postern_broker::init::DEFAULT_POLICY,

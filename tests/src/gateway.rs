@@ -25,6 +25,8 @@ pub struct Gateway {
     pub config: Config,
     /// Where the broker listens.
     pub addr: SocketAddr,
+    /// The metrics endpoint, when `metrics.listen` is set.
+    pub metrics: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -76,6 +78,7 @@ impl Gateway {
         let mut config = Config::load(&config_path).unwrap();
         let broker = Broker::start(config.clone()).unwrap();
         let addr = broker.local_addr();
+        let metrics = broker.metrics_addr();
         config.public_address = format!("localhost:{}", addr.port());
         let shutdown = broker.shutdown_token();
         let task = tokio::spawn(broker.run());
@@ -83,6 +86,7 @@ impl Gateway {
             dir,
             config,
             addr,
+            metrics,
             shutdown,
             task: Some(task),
         }
@@ -233,14 +237,31 @@ impl Gateway {
         endpoint.connect(self.addr, "localhost").unwrap().await
     }
 
-    /// The audit events written so far.
+    /// The metrics endpoint's answer to `GET /metrics`, in Prometheus text format.
+    pub async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics.expect("metrics.listen is set");
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        response
+    }
+
+    /// The audit events written so far. A last line still being written (no newline yet) is
+    /// left for the next look.
     pub fn audit(&self) -> Vec<Value> {
         let postern_broker::config::AuditTarget::File(path) = &self.config.audit else {
             panic!("audit goes to a file")
         };
         std::fs::read_to_string(path)
             .unwrap_or_default()
-            .lines()
+            .split_inclusive('\n')
+            .filter(|line| line.ends_with('\n'))
             .map(|line| serde_json::from_str(line).expect("every audit line is JSON"))
             .collect()
     }
