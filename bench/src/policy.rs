@@ -22,27 +22,35 @@ pub(crate) struct PolicyCost {
     rechecks: Vec<(usize, Vec<Duration>)>,
 }
 
-/// `count` policies like a real set: per-group permits for services, a few forbids on
-/// networks and time, most of them not applying to a given request.
+/// `count` policies shaped like a real set: most name in their scope the group, user or service
+/// they are about (per-group permits, per-user permits, per-service network rules, per-group
+/// time rules); one in a hundred is a global rule that only a `when` condition narrows.
 fn policies(count: usize) -> Policies {
     let mut text = String::from(
         "@id(\"login\") permit (principal, action in [Action::\"enroll\", Action::\"renew\"], resource) when { context.authentication.amr.contains(\"otp\") };\n",
     );
     for n in 1..count {
-        let line = match n % 4 {
-            0 => format!(
-                "@id(\"p{n}\") permit (principal in Group::\"team-{n}\", action == Action::\"connect\", resource == Service::\"svc-{n}\");\n"
-            ),
-            1 => format!(
-                "@id(\"p{n}\") forbid (principal in Group::\"contractors-{n}\", action == Action::\"connect\", resource) unless {{ context.time.hour >= 8 && context.time.hour < 18 }};\n"
-            ),
-            2 => format!(
-                "@id(\"p{n}\") forbid (principal, action == Action::\"connect\", resource == Service::\"svc-{n}\") unless {{ context.source_ip.isInRange(ip(\"10.{}.0.0/16\")) }};\n",
-                n % 250
-            ),
-            _ => format!(
-                "@id(\"p{n}\") permit (principal, action == Action::\"connect\", resource) when {{ principal has email && principal.email == \"user{n}@example.org\" }};\n"
-            ),
+        let line = if n % 100 == 0 {
+            format!(
+                "@id(\"p{n}\") forbid (principal, action, resource) when {{ context.source_ip.isInRange(ip(\"198.51.{}.0/24\")) }};\n",
+                n / 100
+            )
+        } else {
+            match n % 4 {
+                0 => format!(
+                    "@id(\"p{n}\") permit (principal in Group::\"team-{n}\", action == Action::\"connect\", resource == Service::\"svc-{n}\");\n"
+                ),
+                1 => format!(
+                    "@id(\"p{n}\") forbid (principal in Group::\"contractors-{n}\", action == Action::\"connect\", resource) unless {{ context.time.hour >= 8 && context.time.hour < 18 }};\n"
+                ),
+                2 => format!(
+                    "@id(\"p{n}\") forbid (principal, action == Action::\"connect\", resource == Service::\"svc-{n}\") unless {{ context.source_ip.isInRange(ip(\"10.{}.0.0/16\")) }};\n",
+                    n % 250
+                ),
+                _ => format!(
+                    "@id(\"p{n}\") permit (principal == User::\"https://idp.example.org#user{n}\", action == Action::\"connect\", resource) when {{ context.authentication.amr.contains(\"otp\") }};\n"
+                ),
+            }
         };
         text.push_str(&line);
     }
@@ -161,6 +169,8 @@ async fn recheck(
             let fixture = fixture.clone();
             Arc::new(Live {
                 session,
+                // Each on its own connection: the worst case, no answer shared.
+                question: (session, "imap".into()),
                 recheck: Box::new(move |snapshot: &Snapshot, zoned: &jiff::Zoned| {
                     let now = SystemTime::from(zoned.timestamp());
                     (!decide(&snapshot.policies, &fixture, zoned, now)).then(|| Denial {

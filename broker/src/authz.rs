@@ -73,6 +73,9 @@ pub struct Counters {
 pub struct Live {
     /// Broker-local session id.
     pub session: u64,
+    /// What the session asks: its connection and service. Sessions asking the same question get
+    /// one answer per re-check (a mail client opens several connections to one service).
+    pub question: (u64, String),
     /// Asks the policies again; `None` means allowed.
     pub recheck: Recheck,
     /// Cancelled to end the session.
@@ -140,9 +143,6 @@ struct Fingerprint(Vec<(String, u64, Option<SystemTime>, u64)>);
 
 /// How often the folder is looked at for changes.
 const POLL: Duration = Duration::from_millis(250);
-
-/// Sessions re-checked between yields, so a long re-check never holds a runtime thread.
-const CHUNK: usize = 512;
 
 impl Authority {
     /// Starts with a snapshot loaded already.
@@ -334,23 +334,30 @@ impl Authority {
         watcher.abort();
     }
 
-    /// Asks every live session again with the snapshot in force; ends those no longer allowed
-    /// (each session audits its own end) and returns how many.
+    /// Asks every live session again with the snapshot in force, on a blocking thread; ends
+    /// those no longer allowed (each session audits its own end) and returns how many.
     pub async fn recheck(&self, trigger: Trigger, now: SystemTime) -> usize {
         let snapshot = self.current();
         let zoned = self.zoned(now);
         let live: Vec<Arc<Live>> = self.lock().values().cloned().collect();
+        let sessions = live.len();
         let started = std::time::Instant::now();
-        let mut ended = 0;
-        for chunk in live.chunks(CHUNK) {
-            for session in chunk {
+        let generation = snapshot.generation;
+        // Off the async workers: new connections keep being served while this runs.
+        let pass = move || {
+            let mut answers: HashMap<&(u64, String), Option<Denial>> = HashMap::new();
+            let mut ended = 0;
+            for session in &live {
                 if session.cut.is_cancelled() {
                     continue;
                 }
-                if let Some(denial) = (session.recheck)(&snapshot, &zoned) {
+                let answer = answers
+                    .entry(&session.question)
+                    .or_insert_with(|| (session.recheck)(&snapshot, &zoned));
+                if let Some(denial) = answer {
                     let end = Ended {
-                        denial,
-                        generation: snapshot.generation,
+                        denial: denial.clone(),
+                        generation,
                         trigger,
                     };
                     if session.ended.set(end).is_ok() {
@@ -359,8 +366,15 @@ impl Authority {
                     }
                 }
             }
-            tokio::task::yield_now().await;
-        }
+            ended
+        };
+        let ended = match tokio::task::spawn_blocking(pass).await {
+            Ok(ended) => ended,
+            Err(err) => {
+                error!(error = %err, "the re-check of live sessions failed");
+                0
+            }
+        };
         let elapsed = started.elapsed();
         self.ended.fetch_add(ended as u64, Ordering::Relaxed);
         self.last_recheck_micros.store(
@@ -369,8 +383,8 @@ impl Authority {
         );
         if ended > 0 || elapsed > Duration::from_millis(100) {
             info!(
-                generation = snapshot.generation,
-                sessions = live.len(),
+                generation,
+                sessions,
                 ended,
                 elapsed_ms = elapsed.as_millis(),
                 "live sessions re-checked"
@@ -505,6 +519,7 @@ mod tests {
         };
         Arc::new(Live {
             session: id,
+            question: (id, "imap".into()),
             recheck: Box::new(move |snapshot: &Snapshot, zoned: &Zoned| {
                 let now = SystemTime::from(zoned.timestamp());
                 let authentication = Authentication {

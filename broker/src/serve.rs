@@ -682,6 +682,7 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
         // Registered before the decision: a reload from here on re-checks this session.
         let live = Arc::new(Live {
             session,
+            question: (peer.id, name.to_owned()),
             recheck: Box::new({
                 let (peer, policy) = (peer.clone(), service.policy.clone());
                 move |snapshot: &Snapshot, zoned: &jiff::Zoned| {

@@ -8,6 +8,7 @@
 //! It has no network code and reads files only in [`Policies::load_dir`]. Time is passed in.
 
 mod directory;
+mod index;
 mod load;
 mod request;
 pub mod revocations;
@@ -15,7 +16,7 @@ mod scenario;
 
 use std::fmt;
 
-use cedar_policy::{Authorizer, PolicySet, Schema};
+use cedar_policy::Authorizer;
 
 pub use directory::{Directory, DirectoryError};
 pub use load::{Diagnostic, ENTITIES_FILE, LoadError, Source};
@@ -38,10 +39,9 @@ pub const SCHEMA: &str = include_str!("../schema/postern.cedarschema");
 /// A validated set of policies with the entity data loaded beside them, ready to answer
 /// requests. Immutable: reloading builds a new one.
 pub struct Policies {
-    set: PolicySet,
-    schema: Schema,
     count: usize,
     directory: Directory,
+    index: index::Index,
 }
 
 /// The answer to a request.
@@ -85,9 +85,16 @@ impl Policies {
     /// Decides a request. A request that cannot be put in Cedar's terms is denied, with the
     /// reason among the errors.
     pub fn authorize(&self, request: &Request<'_>) -> Decision {
-        match request.to_cedar(&self.schema, &self.directory) {
-            Ok(request::Built { request, entities }) => {
-                let response = Authorizer::new().is_authorized(&request, &self.set, &entities);
+        match request.to_cedar(None, &self.directory) {
+            Ok(request::Built {
+                request,
+                entities,
+                principal,
+                action,
+                resource,
+            }) => {
+                let subset = self.index.subset(&action, &principal, &resource, &entities);
+                let response = Authorizer::new().is_authorized(&request, &subset, &entities);
                 let effect = match response.decision() {
                     cedar_policy::Decision::Allow => Effect::Allow,
                     cedar_policy::Decision::Deny => Effect::Deny,

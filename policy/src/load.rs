@@ -184,8 +184,7 @@ impl Policies {
             return Err(LoadError::Empty(PathBuf::new()));
         }
         Ok(Policies {
-            set,
-            schema,
+            index: crate::index::Index::new(&set),
             count: origin.len(),
             directory,
         })

@@ -174,10 +174,20 @@ impl Action<'_> {
 pub(crate) struct Built {
     pub(crate) request: cedar_policy::Request,
     pub(crate) entities: Entities,
+    pub(crate) principal: EntityUid,
+    pub(crate) action: EntityUid,
+    pub(crate) resource: EntityUid,
 }
 
 impl Request<'_> {
-    pub(crate) fn to_cedar(&self, schema: &Schema, directory: &Directory) -> Result<Built, String> {
+    /// The request in Cedar's terms. With `schema`, Cedar checks the entities and the context
+    /// against it; the broker passes none, since this mapping builds them to the schema by
+    /// construction (tests check that it does), and checking costs more than deciding.
+    pub(crate) fn to_cedar(
+        &self,
+        schema: Option<&Schema>,
+        directory: &Directory,
+    ) -> Result<Built, String> {
         let user = uid("User", &self.principal.id)?;
         let action = uid("Action", self.action.as_str())?;
         let now = self.now.timestamp().as_second();
@@ -225,8 +235,7 @@ impl Request<'_> {
         let mut entities = directory.principal_entities(self.principal)?;
         let resource_uid = resource.uid();
         entities.push(resource);
-        let entities =
-            Entities::from_entities(entities, Some(schema)).map_err(|e| e.to_string())?;
+        let entities = Entities::from_entities(entities, schema).map_err(|e| e.to_string())?;
         let shared = [
             (
                 "source_ip",
@@ -243,9 +252,21 @@ impl Request<'_> {
                 .map(|(name, value)| (name.to_owned(), value)),
         )
         .map_err(|e| e.to_string())?;
-        let request = cedar_policy::Request::new(user, action, resource_uid, context, Some(schema))
-            .map_err(|e| e.to_string())?;
-        Ok(Built { request, entities })
+        let request = cedar_policy::Request::new(
+            user.clone(),
+            action.clone(),
+            resource_uid.clone(),
+            context,
+            schema,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Built {
+            request,
+            entities,
+            principal: user,
+            action,
+            resource: resource_uid,
+        })
     }
 }
 
