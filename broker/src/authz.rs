@@ -43,6 +43,10 @@ pub struct Authority {
     sessions: Mutex<HashMap<u64, Arc<Live>>>,
     /// What the policy folder looked like when last read.
     seen: Mutex<Fingerprint>,
+    /// Held while reloading: one reload at a time, one generation each.
+    reloading: Mutex<()>,
+    /// When a reload last failed to read a file (not: found it invalid), to try again.
+    unreadable_since: Mutex<Option<std::time::Instant>>,
     /// Reloads refused because a file was invalid.
     rejected: AtomicU64,
     /// Changes taken in.
@@ -136,13 +140,27 @@ pub struct Registration<'a> {
     session: u64,
 }
 
-/// The files of the policy folder that make a snapshot, with size, modification time and inode:
-/// a change to any of them is a change.
+/// The files of the policy folder that make a snapshot, with size, modification and change times
+/// and inode: a change to any of them is a change.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Fingerprint(Vec<(String, u64, Option<SystemTime>, u64)>);
+struct Fingerprint(Vec<FileState>);
+
+/// One file of the fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct FileState {
+    name: String,
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+    /// Change time (seconds, nanoseconds): moves on any write or rename.
+    changed: (i64, i64),
+}
 
 /// How often the folder is looked at for changes.
 const POLL: Duration = Duration::from_millis(250);
+
+/// How soon a reload that could not read a file is tried again.
+const UNREADABLE_RETRY: Duration = Duration::from_secs(5);
 
 impl Authority {
     /// Starts with a snapshot loaded already.
@@ -158,6 +176,8 @@ impl Authority {
             current: watch::Sender::new(Arc::new(snapshot)),
             sessions: Mutex::new(HashMap::new()),
             seen: Mutex::new(Fingerprint::read(dir)),
+            reloading: Mutex::new(()),
+            unreadable_since: Mutex::new(None),
             rejected: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             ended: AtomicU64::new(0),
@@ -234,6 +254,10 @@ impl Authority {
     /// Whatever is invalid is refused with a log line and an audit event, and the previous
     /// version stays in force.
     pub fn reload(&self, audit: &Audit, why: &str) -> bool {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let fingerprint = Fingerprint::read(&self.dir);
         *self
             .seen
@@ -241,9 +265,11 @@ impl Authority {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = fingerprint;
         let old = self.current();
         let mut problems = Vec::new();
+        let mut unreadable = false;
         let policies = match Policies::load_dir(&self.dir) {
             Ok(policies) => Arc::new(policies),
             Err(err) => {
+                unreadable |= matches!(err, postern_policy::LoadError::Read { .. });
                 problems.push(err.to_string());
                 old.policies.clone()
             }
@@ -252,10 +278,18 @@ impl Authority {
             Ok(revocations) if revocations == *old.revocations => old.revocations.clone(),
             Ok(revocations) => Arc::new(revocations),
             Err(err) => {
+                unreadable |= matches!(err, crate::revoke::RevocationsError::Io { .. });
                 problems.push(err.to_string());
                 old.revocations.clone()
             }
         };
+        // A file that could not be read (too many open files, a copy in progress) is tried
+        // again shortly, not only at the next change.
+        *self
+            .unreadable_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            unreadable.then(std::time::Instant::now);
         if !problems.is_empty() {
             let count = self.rejected.fetch_add(1, Ordering::Relaxed) + 1;
             for problem in &problems {
@@ -351,9 +385,20 @@ impl Authority {
                 if session.cut.is_cancelled() {
                     continue;
                 }
-                let answer = answers
-                    .entry(&session.question)
-                    .or_insert_with(|| (session.recheck)(&snapshot, &zoned));
+                let answer = answers.entry(&session.question).or_insert_with(|| {
+                    // A re-check that panics ends its session rather than keep it open unasked.
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        (session.recheck)(&snapshot, &zoned)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Some(Denial {
+                            kind: "policy",
+                            reason: "the broker could not re-check this session; connect again"
+                                .into(),
+                            decision: None,
+                        })
+                    })
+                });
                 if let Some(denial) = answer {
                     let end = Ended {
                         denial: denial.clone(),
@@ -429,6 +474,16 @@ impl Authority {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone();
+            let retry = self
+                .unreadable_since
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_some_and(|since| since.elapsed() >= UNREADABLE_RETRY);
+            if retry {
+                self.reload_blocking(&audit, "retry after a read error")
+                    .await;
+                continue;
+            }
             if now == seen {
                 pending = None;
                 continue;
@@ -479,12 +534,23 @@ impl Fingerprint {
                 if !relevant {
                     continue;
                 }
-                if let Ok(meta) = entry.metadata() {
+                // Followed through symbolic links, as loading does: a folder mounted from a
+                // Kubernetes ConfigMap changes by relinking, not by writing the files.
+                if let Ok(meta) = std::fs::metadata(entry.path()) {
                     #[cfg(unix)]
-                    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+                    let (inode, changed) = {
+                        use std::os::unix::fs::MetadataExt as _;
+                        (meta.ino(), (meta.ctime(), meta.ctime_nsec()))
+                    };
                     #[cfg(not(unix))]
-                    let inode = 0;
-                    files.push((name, meta.len(), meta.modified().ok(), inode));
+                    let (inode, changed) = (0, (0, 0));
+                    files.push(FileState {
+                        name,
+                        len: meta.len(),
+                        modified: meta.modified().ok(),
+                        inode,
+                        changed,
+                    });
                 }
             }
         }
@@ -681,6 +747,48 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(2), live.cut.cancelled())
             .await
             .expect("the session ends within 2 s of the change");
+        assert_eq!(authority.current().generation, 2);
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn the_watcher_follows_a_folder_that_changes_by_relinking() {
+        // The shape of a Kubernetes ConfigMap mount: the files are links through `..data`, and
+        // an update swaps `..data` to a new folder.
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join("..2026_01");
+        std::fs::create_dir(&first).unwrap();
+        std::fs::write(
+            first.join("p.cedar"),
+            r#"@id("all") permit (principal, action, resource);"#,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("..2026_01", dir.path().join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/p.cedar", dir.path().join("p.cedar")).unwrap();
+        let authority = Arc::new(authority(dir.path(), "UTC"));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(authority.clone().run(
+            Arc::new(audit()),
+            Duration::from_secs(3600),
+            stop.clone(),
+        ));
+        let live = session(4);
+        let _registration = authority.register(live.clone());
+
+        let second = dir.path().join("..2026_02");
+        std::fs::create_dir(&second).unwrap();
+        std::fs::write(
+            second.join("p.cedar"),
+            r#"@id("stop") forbid (principal, action, resource);"#,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("..2026_02", dir.path().join("..data_tmp")).unwrap();
+        std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), live.cut.cancelled())
+            .await
+            .expect("the relinked policy is taken in");
         assert_eq!(authority.current().generation, 2);
         stop.cancel();
         task.await.unwrap();

@@ -43,6 +43,8 @@ pub const MAX_SESSION_AGE: Duration = Duration::from_secs(31 * 24 * 3600);
 pub const MAX_DEVICE_CODE_LIFETIME: Duration = Duration::from_secs(15 * 60);
 /// Default `policy.recheck_interval`.
 pub const DEFAULT_RECHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// Largest `policy.recheck_interval` accepted: rules about time must be looked at daily at least.
+pub const MAX_RECHECK_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// Largest `pki.max_clock_skew` accepted: more would keep expired certificates working.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(10 * 60);
 /// Largest `pki.max_cert_lifetime` accepted: certificates are meant to be short-lived.
@@ -419,10 +421,14 @@ impl Config {
         };
         let policy = PolicySettings {
             time_zone,
-            recheck_interval: duration(
+            recheck_interval: at_most(
                 "policy.recheck_interval",
-                raw.policy.recheck_interval.as_deref(),
-                DEFAULT_RECHECK_INTERVAL,
+                duration(
+                    "policy.recheck_interval",
+                    raw.policy.recheck_interval.as_deref(),
+                    DEFAULT_RECHECK_INTERVAL,
+                )?,
+                MAX_RECHECK_INTERVAL,
             )?,
         };
 

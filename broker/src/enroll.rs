@@ -504,7 +504,9 @@ async fn login(
     if !claims.auth_time_reported {
         debug!("the ID token has no auth_time; using iat");
     }
-    let session_ends = whole_seconds(claims.auth_time) + shared.config.login.max_session_age;
+    // The IdP's clock may run up to a minute ahead; no login happened after the broker's now.
+    let auth_time = claims.auth_time.min(now);
+    let session_ends = whole_seconds(auth_time) + shared.config.login.max_session_age;
     let contents = SealedLogin {
         refresh_token: tokens.refresh_token.clone().unwrap_or_default(),
         issuer: claims.issuer.clone(),
@@ -515,7 +517,7 @@ async fn login(
         groups: claims.groups.clone(),
         amr: claims.amr.clone(),
         acr: claims.acr.clone(),
-        auth_time: unix_seconds(claims.auth_time),
+        auth_time: unix_seconds(auth_time),
         auth_time_reported: claims.auth_time_reported,
         session_ends: unix_seconds(session_ends),
         lineage: lineage.to_string(),
@@ -590,7 +592,7 @@ async fn renew(
     // Policy first, on what the login already says: a refused renewal must not spend (and, with
     // rotating refresh tokens, lose) the refresh token. Policy is asked again on the IdP's answer.
     if let Some(identity) = &outcome.identity {
-        if let Some(reason) = revoked(shared, identity) {
+        if let Some(reason) = revoked(shared, identity, &contents) {
             return outcome.fail(FailCode::LoginRequired, &reason);
         }
         let decision = decide(LoginAction::Renew, source, shared, identity, &contents, now);
@@ -761,7 +763,7 @@ fn certify(
     outcome.identity = Some(identity.clone());
     let session_ends = unix(contents.session_ends);
     outcome.session_ends = Some(session_ends);
-    if let Some(reason) = revoked(shared, &identity) {
+    if let Some(reason) = revoked(shared, &identity, &contents) {
         let reason = match action {
             LoginAction::Enroll => format!(
                 "{reason}; the identity provider reused a login from before the revocation: sign out there, then run `postern login` again"
@@ -891,20 +893,26 @@ fn decide(
 }
 
 /// Why `identity`'s login is revoked, if it is: a login from before the user's watermark, or a
-/// revoked lineage or device.
-fn revoked(shared: &Shared, identity: &Identity) -> Option<String> {
+/// revoked lineage or device. For a revoked user, a login whose time the IdP did not report is
+/// refused too: it could be a single sign-on session from before the revocation.
+fn revoked(shared: &Shared, identity: &Identity, login: &SealedLogin) -> Option<String> {
     let user = identity.user.uri();
-    shared
-        .authority
-        .current()
-        .revocations
-        .check(&crate::revoke::Subject {
-            user: &user,
-            auth_time: identity.auth.auth_time,
-            issued: identity.auth.auth_time,
-            lineage: Some(&identity.auth.lineage),
-            device: &identity.auth.device,
-        })
+    let snapshot = shared.authority.current();
+    if let Some(entry) = snapshot.revocations.user(&user)
+        && !login.auth_time_reported
+    {
+        return Some(format!(
+            "this user's access was revoked at {}, and the identity provider does not say when this login happened, so it may be a session from before; ask your administrator to end the session at the identity provider and lift the revocation (`postern-broker unrevoke`)",
+            postern_certs::rfc3339(entry.at)
+        ));
+    }
+    snapshot.revocations.check(&crate::revoke::Subject {
+        user: &user,
+        auth_time: identity.auth.auth_time,
+        issued: identity.auth.auth_time,
+        lineage: Some(&identity.auth.lineage),
+        device: &identity.auth.device,
+    })
 }
 
 /// The identity a sealed login stands for.

@@ -22,8 +22,13 @@ const MAX_HEAD: usize = 8 * 1024;
 /// Time a scraper has to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Scrapes answered at once; more connections are closed at once, so that nobody who can reach
+/// the port can hold the broker's file descriptors.
+const MAX_CONNECTIONS: usize = 8;
+
 /// Serves until `stop`.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -31,7 +36,15 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
         };
         match accepted {
             Ok((stream, _)) => {
-                tokio::spawn(answer(stream, shared.clone()));
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    drop(stream);
+                    continue;
+                };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    answer(stream, shared).await;
+                    drop(slot);
+                });
             }
             Err(err) => {
                 debug!(error = %err, "metrics: accept failed");

@@ -38,6 +38,10 @@ pub fn update(
         .and_then(|()| file.sync_all())
         .map_err(io(&temporary))?;
     std::fs::rename(&temporary, &path).map_err(io(&path))?;
+    // The rename itself on disk too, before the command says it is done.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
     Ok(revocations)
 }
 

@@ -24,7 +24,14 @@ pub(crate) struct Index {
     principal_keys: HashMap<EntityUid, u32>,
     /// Every entity a resource scope names, numbered.
     resource_keys: HashMap<EntityUid, u32>,
-    subsets: Mutex<HashMap<SubsetKey, Arc<PolicySet>>>,
+    subsets: Mutex<Subsets>,
+}
+
+/// The subsets handed out, and how many policies they hold together.
+#[derive(Debug, Default)]
+struct Subsets {
+    sets: HashMap<SubsetKey, Arc<PolicySet>>,
+    policies: usize,
 }
 
 /// What one policy's scope requires.
@@ -50,6 +57,10 @@ struct SubsetKey {
 /// Subsets kept before the cache starts over: enough for every combination of groups, services
 /// and actions a broker sees, small enough that a flood of distinct ones costs little memory.
 const MAX_SUBSETS: usize = 4096;
+
+/// Policies kept in all subsets together (each a copy, with its text) before the cache starts
+/// over: tens of megabytes at most.
+const MAX_CACHED_POLICIES: usize = 32_768;
 
 impl Index {
     pub(crate) fn new(set: &PolicySet) -> Self {
@@ -91,7 +102,7 @@ impl Index {
             scopes,
             principal_keys,
             resource_keys,
-            subsets: Mutex::new(HashMap::new()),
+            subsets: Mutex::new(Subsets::default()),
         }
     }
 
@@ -114,7 +125,7 @@ impl Index {
             .subsets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(subset) = subsets.get(&key) {
+        if let Some(subset) = subsets.sets.get(&key) {
             return subset.clone();
         }
         let principal: HashSet<u32> = key.principal.iter().copied().collect();
@@ -132,10 +143,13 @@ impl Index {
             PolicySet::from_policies(policies.map(|scope| scope.policy.clone()))
                 .unwrap_or_default(),
         );
-        if subsets.len() >= MAX_SUBSETS {
-            subsets.clear();
+        let size = subset.policies().count();
+        if subsets.sets.len() >= MAX_SUBSETS || subsets.policies + size > MAX_CACHED_POLICIES {
+            subsets.sets.clear();
+            subsets.policies = 0;
         }
-        subsets.insert(key, subset.clone());
+        subsets.policies += size;
+        subsets.sets.insert(key, subset.clone());
         subset
     }
 }

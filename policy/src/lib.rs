@@ -16,7 +16,7 @@ mod scenario;
 
 use std::fmt;
 
-use cedar_policy::Authorizer;
+use cedar_policy::{AuthorizationError, Authorizer};
 
 pub use directory::{Directory, DirectoryError};
 pub use load::{Diagnostic, ENTITIES_FILE, LoadError, Source};
@@ -52,8 +52,9 @@ pub struct Decision {
     /// Ids of the policies that determined the decision: the `permit` policies that allowed it,
     /// or the `forbid` policies that denied it. Empty for a denial because nothing permits.
     pub policies: Vec<String>,
-    /// Errors met while evaluating policies. A policy that errors is skipped, which can only
-    /// turn an allow into a deny, never the reverse.
+    /// Errors met while evaluating policies. A `permit` that errors is skipped, as Cedar does;
+    /// a `forbid` that errors denies (where Cedar would skip it), so that an error never turns
+    /// a deny into an allow.
     pub errors: Vec<String>,
 }
 
@@ -100,10 +101,34 @@ impl Policies {
                     cedar_policy::Decision::Deny => Effect::Deny,
                 };
                 let diagnostics = response.diagnostics();
-                Decision {
-                    effect,
-                    policies: diagnostics.reason().map(ToString::to_string).collect(),
-                    errors: diagnostics.errors().map(ToString::to_string).collect(),
+                let errors = diagnostics.errors().map(ToString::to_string).collect();
+                // Fail closed: a forbid that could not be evaluated might have applied.
+                let failed_forbids: Vec<String> = diagnostics
+                    .errors()
+                    .filter_map(|error| match error {
+                        AuthorizationError::PolicyEvaluationError(error) => {
+                            let id = error.policy_id();
+                            subset
+                                .policy(id)
+                                .filter(|p| p.effect() == cedar_policy::Effect::Forbid)
+                                .map(|_| id.to_string())
+                        }
+                        #[allow(unreachable_patterns, reason = "the enum may grow")]
+                        _ => None,
+                    })
+                    .collect();
+                if failed_forbids.is_empty() {
+                    Decision {
+                        effect,
+                        policies: diagnostics.reason().map(ToString::to_string).collect(),
+                        errors,
+                    }
+                } else {
+                    Decision {
+                        effect: Effect::Deny,
+                        policies: failed_forbids,
+                        errors,
+                    }
                 }
             }
             Err(err) => Decision {

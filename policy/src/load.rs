@@ -140,6 +140,12 @@ impl Policies {
                 let id = policy
                     .annotation("id")
                     .map_or_else(|| format!("{}#{}", source.name, n + 1), str::to_owned);
+                if let Some(message) = non_canonical_user(policy) {
+                    problems.push(Diagnostic::unlocated(
+                        source,
+                        &format!("policy `{id}`: {message}"),
+                    ));
+                }
                 if let Some(&first) = origin.get(&id) {
                     let message = format!(
                         "policy id `{id}` is already used in `{}`",
@@ -158,10 +164,16 @@ impl Policies {
         if problems.is_empty() {
             let validation = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
             for error in validation.validation_errors() {
-                let Some(&index) = origin.get(&error.policy_id().to_string()) else {
-                    continue;
-                };
-                problems.push(Diagnostic::new(&sources[index], error));
+                match origin.get(&error.policy_id().to_string()) {
+                    Some(&index) => problems.push(Diagnostic::new(&sources[index], error)),
+                    // Never expected; refused all the same, never passed over.
+                    None => problems.push(Diagnostic {
+                        file: String::new(),
+                        line: 0,
+                        column: 0,
+                        message: error.to_string(),
+                    }),
+                }
             }
         }
         let directory = match entities.map(|source| (source, Directory::parse(&source.text))) {
@@ -231,6 +243,31 @@ impl fmt::Display for Diagnostic {
                 self.file, self.line, self.column, self.message
             )
         }
+    }
+}
+
+/// A `User` in a policy's principal scope that is not written as certificates carry user ids
+/// would never match: a `forbid` naming it would silently not apply.
+fn non_canonical_user(policy: &cedar_policy::Policy) -> Option<String> {
+    let uid = match policy.principal_constraint() {
+        cedar_policy::PrincipalConstraint::Eq(uid)
+        | cedar_policy::PrincipalConstraint::In(uid)
+        | cedar_policy::PrincipalConstraint::IsIn(_, uid) => uid,
+        _ => return None,
+    };
+    if uid.type_name().to_string() != "User" {
+        return None;
+    }
+    let id = uid.id().unescaped();
+    match postern_certs::UserId::from_uri(id) {
+        Ok(user) if user.uri() == id => None,
+        Ok(user) => Some(format!(
+            "`User::\"{id}\"` would never match: certificates write this user as `User::\"{}\"`",
+            user.uri()
+        )),
+        Err(err) => Some(format!(
+            "`User::\"{id}\"` would never match: a user id is `<issuer>#<subject>` as in the certificate ({err})"
+        )),
     }
 }
 
@@ -336,6 +373,50 @@ mod tests {
         )], None)
         .unwrap();
         assert!(connect(&policies, &[], "imap").is_allowed());
+    }
+
+    #[test]
+    fn user_ids_in_scopes_must_be_written_as_certificates_carry_them() {
+        for (user, expected) in [
+            ("alice", "`<issuer>#<subject>`"),
+            ("https://idp.example.org#Alice Smith", "would never match"),
+        ] {
+            let err = Policies::from_sources(
+                &[source(
+                    "p.cedar",
+                    &format!("forbid (principal == User::\"{user}\", action, resource);"),
+                )],
+                None,
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains(expected), "{err}");
+        }
+        assert!(
+            Policies::from_sources(
+                &[source(
+                    "p.cedar",
+                    "forbid (principal == User::\"https://idp.example.org#alice\", action, resource);"
+                )],
+                None
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_forbid_that_cannot_be_evaluated_denies() {
+        let policies = Policies::from_sources(
+            &[source(
+                "p.cedar",
+                "@id(\"all\") permit (principal, action, resource);\n@id(\"overflow\") forbid (principal, action, resource) when { 9223372036854775807 + context.authentication.age_seconds + 1 > 0 };\n@id(\"bad-permit\") permit (principal, action, resource) when { 9223372036854775807 + context.authentication.age_seconds + 1 > 0 };",
+            )],
+            None,
+        )
+        .unwrap();
+        let decision = connect(&policies, &[], "imap");
+        assert_eq!(decision.effect, Effect::Deny);
+        assert_eq!(decision.policies, ["overflow"]);
+        assert_eq!(decision.errors.len(), 2, "{:?}", decision.errors);
     }
 
     #[test]

@@ -67,7 +67,7 @@ enum Command {
         #[arg(long)]
         resource: Option<String>,
         /// Groups, with --principal (repeat for more).
-        #[arg(long = "group")]
+        #[arg(long = "group", requires = "principal")]
         groups: Vec<String>,
         /// Context fields to set, as JSON: '{"amr": ["pwd"], "source_ip": "10.1.2.3"}'.
         #[arg(long)]
@@ -358,6 +358,9 @@ fn explain(
                 .ok_or_else(|| anyhow!("`{file}` is empty"))?,
             None => line.clone(),
         };
+        eprintln!(
+            "note: an audit line does not carry the service's protocol and tags, the certificate's validity or acr; set them with --context if a policy looks at them"
+        );
         Scenario::from_audit_line(&line)?
     } else {
         let id = start.principal.unwrap_or_default();

@@ -155,7 +155,14 @@ impl Revocations {
                 ),
                 _ => return Err(bad("name exactly one of user, lineage or device".into())),
             };
-            revocations.insert(target, record);
+            // Listed twice: the later revocation wins, so a merge never moves a watermark back.
+            let (map, id) = revocations.slot(&target);
+            match map.get(&id) {
+                Some(existing) if existing.at >= record.at => {}
+                _ => {
+                    map.insert(id, record);
+                }
+            }
         }
         Ok(revocations)
     }
@@ -222,6 +229,11 @@ impl Revocations {
             .iter()
             .map(|(id, e)| ("device", id.as_str(), e));
         users.chain(lineages).chain(devices)
+    }
+
+    /// The revocation of a user (by user id URI), if there is one.
+    pub fn user(&self, user: &str) -> Option<&Entry> {
+        self.users.get(user)
     }
 
     /// Why `subject` is revoked, or `None` when it is not.

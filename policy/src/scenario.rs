@@ -326,8 +326,6 @@ impl Scenario {
         };
         let at = SystemTime::UNIX_EPOCH
             + Duration::from_secs(u64::try_from(now.timestamp().as_second()).unwrap_or(0));
-        let duration =
-            |field: &str, text: &str| humantime::parse_duration(text).map_err(|e| bad(field, &e));
         let (issuance, flow) = match (c.issuance.as_str(), c.flow.as_deref()) {
             ("login", None | Some("device_code")) => ("login", Some("device_code")),
             ("admin", None) => ("admin", None),
@@ -343,11 +341,16 @@ impl Scenario {
             flow,
             amr: c.amr.clone(),
             acr: c.acr.clone(),
-            auth_time: at - duration("context.session_age", &c.session_age)?,
+            auth_time: shift(at, "context.session_age", &c.session_age, false)?,
         };
         let certificate = Certificate {
-            not_before: at - duration("context.certificate_age", &c.certificate_age)?,
-            not_after: at + duration("context.certificate_expires_in", &c.certificate_expires_in)?,
+            not_before: shift(at, "context.certificate_age", &c.certificate_age, false)?,
+            not_after: shift(
+                at,
+                "context.certificate_expires_in",
+                &c.certificate_expires_in,
+                true,
+            )?,
         };
         let login = LoginFacts {
             email_verified: c.email_verified,
@@ -508,6 +511,23 @@ pub fn parse_time(text: &str, zone: &TimeZone) -> Result<Zoned, String> {
         .map_err(|e| {
             format!("{e}; write an instant such as 2026-11-26T08:30:00Z or a local time such as 2026-11-26T09:30:00[Europe/Madrid]")
         })
+}
+
+/// `at` moved back (or `forward`) by the duration `text`, refusing one out of range.
+fn shift(
+    at: SystemTime,
+    field: &str,
+    text: &str,
+    forward: bool,
+) -> Result<SystemTime, ScenarioError> {
+    let duration =
+        humantime::parse_duration(text).map_err(|e| ScenarioError(format!("`{field}`: {e}")))?;
+    let moved = if forward {
+        at.checked_add(duration)
+    } else {
+        at.checked_sub(duration)
+    };
+    moved.ok_or_else(|| ScenarioError(format!("`{field}`: `{text}` is out of range")))
 }
 
 /// `from` to `to` as a duration string, 0 when `to` is earlier.
