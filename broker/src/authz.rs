@@ -43,6 +43,9 @@ pub struct Authority {
     sessions: Mutex<HashMap<u64, Arc<Live>>>,
     /// What the policy folder looked like when last read.
     seen: Mutex<Fingerprint>,
+    /// The latest end of a certificate seen for each identity lineage (a login and its
+    /// renewals): sessions live as long as their lineage has a valid certificate.
+    lineages: Mutex<HashMap<postern_certs::LineageId, SystemTime>>,
     /// Held while reloading: one reload at a time, one generation each.
     reloading: Mutex<()>,
     /// When a reload last failed to read a file (not: found it invalid), to try again.
@@ -159,6 +162,9 @@ struct FileState {
 /// How often the folder is looked at for changes.
 const POLL: Duration = Duration::from_millis(250);
 
+/// Lineages remembered before those whose certificates all ended are forgotten.
+const LINEAGES_BEFORE_PRUNING: usize = 4096;
+
 /// How soon a reload that could not read a file is tried again.
 const UNREADABLE_RETRY: Duration = Duration::from_secs(5);
 
@@ -176,6 +182,7 @@ impl Authority {
             current: watch::Sender::new(Arc::new(snapshot)),
             sessions: Mutex::new(HashMap::new()),
             seen: Mutex::new(Fingerprint::read(dir)),
+            lineages: Mutex::new(HashMap::new()),
             reloading: Mutex::new(()),
             unreadable_since: Mutex::new(None),
             rejected: AtomicU64::new(0),
@@ -230,6 +237,34 @@ impl Authority {
     /// Live sessions.
     pub fn sessions(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Records that `lineage` has a certificate valid until `not_after` (a tunnel connection
+    /// presented it).
+    pub fn lineage_seen(
+        &self,
+        lineage: postern_certs::LineageId,
+        not_after: SystemTime,
+        now: SystemTime,
+    ) {
+        let mut ends = self
+            .lineages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ends.len() >= LINEAGES_BEFORE_PRUNING {
+            ends.retain(|_, end| *end > now);
+        }
+        let end = ends.entry(lineage).or_insert(not_after);
+        *end = (*end).max(not_after);
+    }
+
+    /// The latest end of a certificate of `lineage` seen so far.
+    pub fn lineage_end(&self, lineage: &postern_certs::LineageId) -> Option<SystemTime> {
+        self.lineages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(lineage)
+            .copied()
     }
 
     /// Registers a session; do it before its first decision.

@@ -590,20 +590,28 @@ async fn serve_connection(peer: Arc<Peer>, shared: Arc<Shared>, source: SocketAd
     });
     info!(client.addr = %source, user.email = peer.client.identity.email.as_deref().unwrap_or(""), "connection open");
 
-    // Sessions live no longer than the certificate that opened them.
-    let valid_for = peer
-        .client
-        .not_after
-        .checked_add(shared.config.pki.max_clock_skew)
-        .and_then(|end| end.duration_since(SystemTime::now()).ok())
-        .unwrap_or_default();
-    let expiry = tokio::time::sleep(valid_for);
+    // Sessions live as long as their lineage (the login and its renewals) has a valid
+    // certificate: a renewal presented on another connection carries them on.
+    let lineage = peer.client.identity.auth.lineage;
+    let skew = shared.config.pki.max_clock_skew;
+    shared
+        .authority
+        .lineage_seen(lineage, peer.client.not_after, SystemTime::now());
+    let mut end = peer.client.not_after;
+    let expiry = tokio::time::sleep(until(end, skew));
     tokio::pin!(expiry);
     let streams = TaskTracker::new();
     let mut draining = false;
     let reason = loop {
         tokio::select! {
             () = &mut expiry => {
+                let renewed = shared.authority.lineage_end(&lineage).filter(|later| *later > end);
+                if let Some(later) = renewed {
+                    info!(until = %postern_certs::rfc3339(later), "certificate ended, but its login was renewed: open sessions go on; new streams need the new certificate");
+                    end = later;
+                    expiry.as_mut().reset(tokio::time::Instant::now() + until(end, skew));
+                    continue;
+                }
                 peer.expired.store(true, Ordering::Relaxed);
                 peer.cut.cancel();
                 info!("certificate ended: closing the connection and its sessions");
@@ -685,9 +693,14 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
             question: (peer.id, name.to_owned()),
             recheck: Box::new({
                 let (peer, policy) = (peer.clone(), service.policy.clone());
+                let authority = shared.authority.clone();
                 move |snapshot: &Snapshot, zoned: &jiff::Zoned| {
                     let source = peer.connection.remote_address();
-                    authorize(snapshot, &peer, &policy, source, zoned).err()
+                    // The lineage's certificate, which a renewal may have extended.
+                    let not_after = authority
+                        .lineage_end(&peer.client.identity.auth.lineage)
+                        .map_or(peer.client.not_after, |end| end.max(peer.client.not_after));
+                    authorize(snapshot, &peer, &policy, source, zoned, not_after).err()
                 }
             }),
             cut: peer.cut.child_token(),
@@ -696,7 +709,14 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
         let _registration = shared.authority.register(live.clone());
         let decision = loop {
             let snapshot = shared.authority.current();
-            let result = authorize(&snapshot, &peer, &service.policy, source, &shared.authority.zoned(now));
+            let result = authorize(
+                &snapshot,
+                &peer,
+                &service.policy,
+                source,
+                &shared.authority.zoned(now),
+                peer.client.not_after,
+            );
             // Decided with a snapshot that was replaced meanwhile: ask the new one.
             if shared.authority.current().generation == snapshot.generation {
                 break result;
@@ -776,6 +796,13 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
     .await;
 }
 
+/// Time from now until `end` plus the tolerated clock skew; zero when that has passed.
+fn until(end: SystemTime, skew: Duration) -> Duration {
+    end.checked_add(skew)
+        .and_then(|end| end.duration_since(SystemTime::now()).ok())
+        .unwrap_or_default()
+}
+
 /// What does not depend on policy: the broker is not shutting down, the certificate has not
 /// ended, the service exists.
 fn admit<'a>(
@@ -812,13 +839,15 @@ fn admit<'a>(
 }
 
 /// Whether `peer` may use `service` now, from `source`: revocations first, then Cedar. The one
-/// path for the first decision and every re-check.
+/// path for the first decision and every re-check. `not_after` is the end of the lineage's
+/// latest certificate, which a renewal may have moved past the connection's own.
 fn authorize(
     snapshot: &Snapshot,
     peer: &Peer,
     service: &postern_policy::Service,
     source: SocketAddr,
     zoned: &jiff::Zoned,
+    not_after: SystemTime,
 ) -> Result<Decision, Denial> {
     let identity = &peer.client.identity;
     if let Some(reason) = snapshot.revocations.check(&crate::revoke::Subject {
@@ -844,7 +873,7 @@ fn authorize(
             service,
             certificate: Certificate {
                 not_before: peer.client.not_before,
-                not_after: peer.client.not_after,
+                not_after,
             },
         },
     });

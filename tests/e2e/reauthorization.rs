@@ -109,7 +109,16 @@ async fn an_invalid_policy_file_changes_nothing() {
         metrics.contains("\npostern_policy_generation 1\n"),
         "{metrics}"
     );
-    assert!(metrics.contains("\npostern_sessions_open 1\n"), "{metrics}");
+    // The IDLE session; the fetch's own session may take a moment to be counted out.
+    let mut open = metrics;
+    for _ in 0..50 {
+        if open.contains("\npostern_sessions_open 1\n") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        open = gateway.scrape().await;
+    }
+    assert!(open.contains("\npostern_sessions_open 1\n"), "{open}");
 
     // Fixed: taken in as the next generation.
     std::fs::remove_file(&typo).unwrap();
@@ -205,5 +214,76 @@ async fn an_idle_session_ends_within_two_seconds_of_its_certificate() {
         })
         .await;
     agent.stop().await;
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_login_keeps_its_idle_session_past_the_old_certificate() {
+    let dovecot = Dovecot::start(&[("alice", PASSWORD, Message::samples(1, 9))]);
+    let gateway = Gateway::start_with(&[("imap", dovecot.addr())], None, |config| {
+        *config = config.replace("# max_clock_skew = \"60s\"", "max_clock_skew = \"1s\"");
+    })
+    .await;
+    let issued = gateway.issue("alice@example.org", &[], Duration::from_secs(600));
+    let identity = postern_certs::inspect_unverified(&issued.certificate)
+        .unwrap()
+        .identity;
+    let certify = |ttl: Duration| {
+        let request = KeyRequest::generate().unwrap();
+        let key = PublicKey::from_csr_pem(request.csr_pem.as_bytes()).unwrap();
+        let certificate = gateway
+            .client_ca()
+            .issue(&identity, &key, SystemTime::now(), ttl)
+            .unwrap();
+        Gateway::rebundle(&issued, certificate, request.key_pem)
+    };
+    // The first certificate of the login, short; the session opens on it.
+    let first = certify(Duration::from_secs(6));
+    let not_after = postern_certs::inspect_unverified(&first.certificate)
+        .unwrap()
+        .not_after;
+    let old = AgentHandle::start(&first).await;
+    let mut session = idle(&dovecot, &old).await;
+
+    // The same login, renewed: the broker sees its new certificate on a new connection.
+    let renewed = AgentHandle::start(&certify(Duration::from_secs(3600))).await;
+    imap_fetch(renewed.addr("imap"), &dovecot.ca(), "alice", PASSWORD)
+        .await
+        .unwrap();
+
+    // Past the first certificate's end (plus 1 s of skew) and a re-check, the session lives.
+    let past = not_after + Duration::from_secs(3);
+    let wait = past.duration_since(SystemTime::now()).unwrap_or_default();
+    assert_eq!(
+        session.ended_within(wait).await,
+        None,
+        "the IDLE session lives on"
+    );
+    assert!(session.is_open());
+    // New streams on the old certificate are refused; the renewed one serves them.
+    assert!(
+        imap_fetch(old.addr("imap"), &dovecot.ca(), "alice", PASSWORD)
+            .await
+            .is_err()
+    );
+    gateway
+        .wait_for_audit("connect.deny", |e| {
+            e["postern"]["refuse_code"] == "certificate_expired"
+        })
+        .await;
+
+    // The login is revoked: the session carried over ends like any other.
+    let revoked = std::process::Command::new(env!("CARGO_BIN_EXE_postern-broker-under-test"))
+        .args(["revoke", "--config", gateway.config.path.to_str().unwrap()])
+        .args(["--lineage", &identity.auth.lineage.to_string(), "--yes"])
+        .output()
+        .unwrap();
+    assert!(revoked.status.success(), "{revoked:?}");
+    assert!(
+        session.ended_within(Duration::from_secs(2)).await.is_some(),
+        "ended within 2 s of the revocation"
+    );
+    old.stop().await;
+    renewed.stop().await;
     gateway.stop().await;
 }
