@@ -2,7 +2,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use postern_certs::{KeyRequest, PublicKey};
 use postern_tests::{AgentHandle, Gateway};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -17,17 +16,8 @@ async fn an_open_session_ends_with_its_certificate() {
     )
     .await;
     let issued = gateway.issue("alice@example.org", &[], Duration::from_secs(600));
-    let identity = postern_certs::inspect_unverified(&issued.certificate)
-        .unwrap()
-        .identity;
-    let request = KeyRequest::generate().unwrap();
-    let key = PublicKey::from_csr_pem(request.csr_pem.as_bytes()).unwrap();
     let now = SystemTime::now();
-    let short = gateway
-        .client_ca()
-        .issue(&identity, &key, now, Duration::from_secs(4))
-        .unwrap();
-    let bundle = Gateway::rebundle(&issued, short, request.key_pem);
+    let bundle = gateway.recertify(&issued, Duration::from_secs(4));
     let agent = AgentHandle::start(&bundle).await;
 
     let mut session = tokio::net::TcpStream::connect(agent.addr("echo"))

@@ -4,7 +4,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use postern_certs::{KeyRequest, PublicKey};
 use postern_tests::{AgentHandle, Dovecot, Gateway, ImapIdle, Message, imap_fetch};
 
 const PASSWORD: &str = "correct horse";
@@ -179,19 +178,11 @@ async fn an_idle_session_ends_within_two_seconds_of_its_certificate() {
     })
     .await;
     let issued = gateway.issue("alice@example.org", &[], Duration::from_secs(600));
-    let identity = postern_certs::inspect_unverified(&issued.certificate)
+    let short = gateway.recertify(&issued, Duration::from_secs(8));
+    let not_after = postern_certs::inspect_unverified(&short.certificate)
         .unwrap()
-        .identity;
-    let request = KeyRequest::generate().unwrap();
-    let key = PublicKey::from_csr_pem(request.csr_pem.as_bytes()).unwrap();
-    let now = SystemTime::now();
-    let ttl = Duration::from_secs(8);
-    let short = gateway
-        .client_ca()
-        .issue(&identity, &key, now, ttl)
-        .unwrap();
-    let not_after = postern_certs::inspect_unverified(&short).unwrap().not_after;
-    let agent = AgentHandle::start(&Gateway::rebundle(&issued, short, request.key_pem)).await;
+        .not_after;
+    let agent = AgentHandle::start(&short).await;
     let mut session = idle(&dovecot, &agent).await;
 
     // The end is not_after plus the tolerated skew of 1 s.
@@ -225,20 +216,14 @@ async fn a_renewed_login_keeps_its_idle_session_past_the_old_certificate() {
     })
     .await;
     let issued = gateway.issue("alice@example.org", &[], Duration::from_secs(600));
-    let identity = postern_certs::inspect_unverified(&issued.certificate)
-        .unwrap()
-        .identity;
-    let certify = |ttl: Duration| {
-        let request = KeyRequest::generate().unwrap();
-        let key = PublicKey::from_csr_pem(request.csr_pem.as_bytes()).unwrap();
-        let certificate = gateway
-            .client_ca()
-            .issue(&identity, &key, SystemTime::now(), ttl)
-            .unwrap();
-        Gateway::rebundle(&issued, certificate, request.key_pem)
-    };
     // The first certificate of the login, short; the session opens on it.
-    let first = certify(Duration::from_secs(6));
+    let first = gateway.recertify(&issued, Duration::from_secs(6));
+    let lineage = postern_certs::inspect_unverified(&first.certificate)
+        .unwrap()
+        .identity
+        .auth
+        .lineage
+        .to_string();
     let not_after = postern_certs::inspect_unverified(&first.certificate)
         .unwrap()
         .not_after;
@@ -246,7 +231,7 @@ async fn a_renewed_login_keeps_its_idle_session_past_the_old_certificate() {
     let mut session = idle(&dovecot, &old).await;
 
     // The same login, renewed: the broker sees its new certificate on a new connection.
-    let renewed = AgentHandle::start(&certify(Duration::from_secs(3600))).await;
+    let renewed = AgentHandle::start(&gateway.recertify(&issued, Duration::from_secs(3600))).await;
     imap_fetch(renewed.addr("imap"), &dovecot.ca(), "alice", PASSWORD)
         .await
         .unwrap();
@@ -275,7 +260,7 @@ async fn a_renewed_login_keeps_its_idle_session_past_the_old_certificate() {
     // The login is revoked: the session carried over ends like any other.
     let revoked = std::process::Command::new(env!("CARGO_BIN_EXE_postern-broker-under-test"))
         .args(["revoke", "--config", gateway.config.path.to_str().unwrap()])
-        .args(["--lineage", &identity.auth.lineage.to_string(), "--yes"])
+        .args(["--lineage", &lineage, "--yes"])
         .output()
         .unwrap();
     assert!(revoked.status.success(), "{revoked:?}");

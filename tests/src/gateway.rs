@@ -208,6 +208,21 @@ impl Gateway {
         .unwrap()
     }
 
+    /// `bundle`'s identity (the same login: user, lineage, device) certified for a new key for
+    /// `ttl` from now, as a renewal would; for lifetimes `issue` would not make.
+    pub fn recertify(&self, bundle: &Bundle, ttl: Duration) -> Bundle {
+        let identity = postern_certs::inspect_unverified(&bundle.certificate)
+            .unwrap()
+            .identity;
+        let request = postern_certs::KeyRequest::generate().unwrap();
+        let key = postern_certs::PublicKey::from_csr_pem(request.csr_pem.as_bytes()).unwrap();
+        let certificate = self
+            .client_ca()
+            .issue(&identity, &key, SystemTime::now(), ttl)
+            .unwrap();
+        Self::rebundle(bundle, certificate, request.key_pem)
+    }
+
     /// `bundle` with another certificate and key.
     pub fn rebundle(
         bundle: &Bundle,
