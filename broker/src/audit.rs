@@ -877,18 +877,17 @@ mod tests {
             (1..=sequences.len() as u64).collect::<Vec<_>>(),
             "numbered in write order"
         );
-        let gap = lines
+        // One gap event, or several when the writer caught up in between.
+        let lost: u64 = lines
             .iter()
-            .find(|l| l["event"]["action"] == "audit.gap")
-            .expect("the loss is recorded");
+            .filter(|l| l["event"]["action"] == "audit.gap")
+            .map(|gap| gap["postern"]["events_lost"].as_u64().unwrap())
+            .sum();
+        assert!(lost > 0, "the loss is recorded");
         let written = lines
             .iter()
             .filter(|l| l["event"]["action"] == "broker.stop")
             .count() as u64;
-        assert_eq!(
-            gap["postern"]["events_lost"].as_u64().unwrap() + written,
-            21,
-            "every event is written or counted"
-        );
+        assert_eq!(lost + written, 21, "every event is written or counted");
     }
 }
