@@ -152,6 +152,27 @@ impl Tunnel {
         }
     }
 
+    /// Moves the tunnel to `socket`: open connections migrate to the new path (QUIC connection
+    /// migration, with a new connection id) and their sessions go on. quinn sends a ping on the
+    /// new path at once, so the broker learns the new address without waiting for a keep-alive.
+    pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
+        self.endpoint.rebind(socket)
+    }
+
+    /// Where the tunnel's connection goes now, if there is one.
+    pub async fn remote(&self) -> Option<SocketAddr> {
+        let slot = self.slot.lock().await;
+        slot.connection
+            .as_ref()
+            .filter(|c| c.close_reason().is_none())
+            .map(Connection::remote_address)
+    }
+
+    /// The local address of the endpoint's socket.
+    pub fn local(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
     /// Closes the connection and waits briefly for the broker to learn of it.
     pub async fn close(&self) {
         self.endpoint.close(

@@ -132,6 +132,11 @@ impl Agent {
             .collect()
     }
 
+    /// The tunnel to the broker (for moving it to another socket, as a network change does).
+    pub fn tunnel(&self) -> Arc<Tunnel> {
+        self.tunnel.clone()
+    }
+
     /// Cancelling this token stops the agent: listeners close, open connections are cut.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
@@ -154,6 +159,7 @@ impl Agent {
                 shutdown.clone(),
             ));
         }
+        tasks.spawn(follow_network(tunnel.clone(), shutdown.clone()));
         // Connect ahead of the first program, so that it does not wait for the handshake.
         let early = tunnel.clone();
         tasks.spawn(async move {
@@ -171,6 +177,65 @@ impl Agent {
         let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
         tunnel.close().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+    }
+}
+
+/// How often the agent looks at which local address reaches the broker.
+const NETWORK_CHECK: Duration = Duration::from_secs(2);
+
+/// Follows network changes: when the local address that reaches the broker changes (Wi-Fi to
+/// LTE, a new DHCP lease, a VPN coming up), the tunnel moves to a fresh socket so that the
+/// broker sees the new path at once and open sessions go on.
+async fn follow_network(tunnel: Arc<Tunnel>, shutdown: CancellationToken) {
+    let mut last: Option<std::net::IpAddr> = None;
+    let mut ticks = tokio::time::interval(NETWORK_CHECK);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let Some(remote) = tunnel.remote().await else {
+            last = None;
+            continue;
+        };
+        // Which source address the kernel picks for the broker now; nothing is sent.
+        let route = tokio::task::spawn_blocking(move || route_to(remote)).await;
+        let Ok(Some(source)) = route else { continue };
+        match last {
+            Some(previous) if previous != source => {
+                info!(from = %previous, to = %source, "network changed: moving the tunnel to the new address");
+                match fresh_socket(tunnel.local()) {
+                    Ok(socket) => {
+                        if let Err(err) = tunnel.rebind(socket) {
+                            warn!(error = %err, "cannot move the tunnel to the new address; it reconnects when a program connects");
+                        }
+                    }
+                    Err(err) => warn!(error = %err, "cannot open a socket on the new network"),
+                }
+            }
+            _ => {}
+        }
+        last = Some(source);
+    }
+}
+
+/// The local address the kernel would send from to reach `remote`.
+fn route_to(remote: SocketAddr) -> Option<std::net::IpAddr> {
+    let any: SocketAddr = if remote.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let probe = std::net::UdpSocket::bind(any).ok()?;
+    probe.connect(remote).ok()?;
+    probe.local_addr().ok().map(|a| a.ip())
+}
+
+/// A new socket like the endpoint's (same family, any address, a new port).
+fn fresh_socket(current: Option<SocketAddr>) -> std::io::Result<std::net::UdpSocket> {
+    match current {
+        Some(SocketAddr::V4(_)) => std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+        _ => std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)),
     }
 }
 

@@ -92,6 +92,18 @@ pub enum Event<'a> {
         /// The verified certificate.
         client: &'a VerifiedClient,
     },
+    /// A tunnel connection moved to a new network path (QUIC connection migration): its sessions
+    /// are asked again with the new source address.
+    ConnectionMigrate {
+        /// Broker-local id.
+        connection: u64,
+        /// The previous address.
+        from: SocketAddr,
+        /// The new address.
+        to: SocketAddr,
+        /// Who.
+        identity: &'a Identity,
+    },
     /// A tunnel connection ended.
     ConnectionClose {
         /// Broker-local id.
@@ -373,6 +385,16 @@ impl Audit {
                 }},
                 "postern": authentication(&client.identity, Some(*connection)),
             }),
+            Event::ConnectionMigrate {
+                connection,
+                from,
+                to,
+                identity,
+            } => json!({
+                "source": address(*to),
+                "user": user(identity),
+                "postern": { "connection_id": connection, "previous_source": address(*from) },
+            }),
             Event::ConnectionClose {
                 connection,
                 source,
@@ -621,6 +643,7 @@ impl Event<'_> {
             Event::BrokerStop { .. } => "broker.stop",
             Event::ConnectionDeny { .. } => "connection.deny",
             Event::ConnectionOpen { .. } => "connection.open",
+            Event::ConnectionMigrate { .. } => "connection.migrate",
             Event::ConnectionClose { .. } => "connection.close",
             Event::ConnectAllow(_) => "connect.allow",
             Event::ConnectDeny { .. } => "connect.deny",

@@ -122,6 +122,7 @@ impl Trigger {
         match self {
             Trigger::Change => "change",
             Trigger::Timer => "timer",
+            Trigger::Path => "path",
         }
     }
 }
@@ -133,6 +134,8 @@ pub enum Trigger {
     Change,
     /// The periodic re-check, for rules about time.
     Timer,
+    /// A connection moved to a new network path (a new source address).
+    Path,
 }
 
 /// Removes a session from the registry when it ends.
@@ -406,9 +409,29 @@ impl Authority {
     /// Asks every live session again with the snapshot in force, on a blocking thread; ends
     /// those no longer allowed (each session audits its own end) and returns how many.
     pub async fn recheck(&self, trigger: Trigger, now: SystemTime) -> usize {
+        self.recheck_where(trigger, now, |_| true).await
+    }
+
+    /// Asks again for the live sessions of one connection (its path changed).
+    pub async fn recheck_connection(&self, connection: u64, now: SystemTime) -> usize {
+        self.recheck_where(Trigger::Path, now, |live| live.question.0 == connection)
+            .await
+    }
+
+    async fn recheck_where(
+        &self,
+        trigger: Trigger,
+        now: SystemTime,
+        which: impl Fn(&Live) -> bool,
+    ) -> usize {
         let snapshot = self.current();
         let zoned = self.zoned(now);
-        let live: Vec<Arc<Live>> = self.lock().values().cloned().collect();
+        let live: Vec<Arc<Live>> = self
+            .lock()
+            .values()
+            .filter(|live| which(live))
+            .cloned()
+            .collect();
         let sessions = live.len();
         let started = std::time::Instant::now();
         let generation = snapshot.generation;

@@ -101,6 +101,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// so that forged source addresses cannot pile up state.
 const RETRY_ABOVE: usize = 64;
 
+/// How often a connection's path is looked at: a migrated connection's sessions are asked
+/// again within this (and the re-check) of the move.
+const PATH_CHECK: Duration = Duration::from_millis(500);
+
 /// Handshakes in progress above which new ones are refused outright.
 const MAX_HANDSHAKES: usize = 4096;
 
@@ -602,8 +606,25 @@ async fn serve_connection(peer: Arc<Peer>, shared: Arc<Shared>, source: SocketAd
     tokio::pin!(expiry);
     let streams = TaskTracker::new();
     let mut draining = false;
+    // A new path is a new source address: policies about networks are asked again.
+    let mut path = peer.connection.remote_address();
+    let mut path_check = tokio::time::interval(PATH_CHECK);
     let reason = loop {
         tokio::select! {
+            _ = path_check.tick() => {
+                let now_at = peer.connection.remote_address();
+                if now_at != path {
+                    info!(from = %path, to = %now_at, "connection moved to a new path: asking again for its sessions");
+                    shared.audit.record_or_log(&Event::ConnectionMigrate {
+                        connection: peer.id,
+                        from: path,
+                        to: now_at,
+                        identity: &peer.client.identity,
+                    });
+                    path = now_at;
+                    shared.authority.recheck_connection(peer.id, SystemTime::now()).await;
+                }
+            }
             () = &mut expiry => {
                 let renewed = shared.authority.lineage_end(&lineage).filter(|later| *later > end);
                 if let Some(later) = renewed {

@@ -15,5 +15,6 @@ mod login;
 mod reauthorization;
 mod renewal;
 mod revocation;
+mod roaming;
 mod shutdown;
 mod tunnel;

@@ -36,6 +36,7 @@ pub struct Gateway {
 pub struct AgentHandle {
     /// Each service and where it is served.
     pub addresses: Vec<(ServiceName, SocketAddr)>,
+    tunnel: std::sync::Arc<postern_agent::tunnel::Tunnel>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -370,13 +371,21 @@ impl AgentHandle {
             agent = agent.with_renewal(home, identity.clone());
         }
         let addresses = agent.addresses();
+        let tunnel = agent.tunnel();
         let shutdown = agent.shutdown_token();
         let task = tokio::spawn(agent.run());
         AgentHandle {
             addresses,
+            tunnel,
             shutdown,
             task: Some(task),
         }
+    }
+
+    /// Moves the agent's tunnel to a socket bound to `local`, as a network change does.
+    pub fn move_to(&self, local: SocketAddr) {
+        let socket = std::net::UdpSocket::bind(local).unwrap();
+        self.tunnel.rebind(socket).unwrap();
     }
 
     /// Where `service` is served.
