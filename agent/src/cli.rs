@@ -333,6 +333,32 @@ fn up(home: &Home, listens: &[(ServiceName, SocketAddr)]) -> anyhow::Result<()> 
     })
 }
 
+/// What a running `postern up` says its tunnel is doing, or that none runs.
+fn tunnel_state(home: &Home) -> String {
+    let not_running = "not running (`postern up` starts it)".to_owned();
+    let Ok(text) = std::fs::read_to_string(home.tunnel_state_path()) else {
+        return not_running;
+    };
+    let mut lines = text.lines();
+    let pid = lines.next().and_then(|p| p.trim().parse::<i32>().ok());
+    let alive = pid.is_some_and(process_alive);
+    match lines.next() {
+        Some(state) if alive => state.to_owned(),
+        _ => not_running,
+    }
+}
+
+#[cfg(unix)]
+fn process_alive(pid: i32) -> bool {
+    rustix::process::Pid::from_raw(pid)
+        .is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok())
+}
+
+#[cfg(not(unix))]
+fn process_alive(_pid: i32) -> bool {
+    true
+}
+
 fn status(home: &Home) -> anyhow::Result<()> {
     let identity = home.identity()?;
     let certificate = identity.inspect()?;
@@ -399,6 +425,7 @@ fn status(home: &Home) -> anyhow::Result<()> {
     for (service, details) in &identity.services {
         println!("Service:      {service} on 127.0.0.1:{}", details.port);
     }
+    println!("Tunnel:       {}", tunnel_state(home));
     Ok(())
 }
 

@@ -89,6 +89,11 @@ impl Home {
         self.dir.join("identity.toml")
     }
 
+    /// Where `postern up` says what its tunnel is doing, for `postern status`.
+    pub fn tunnel_state_path(&self) -> PathBuf {
+        self.dir.join("tunnel.state")
+    }
+
     /// Where a key made by `postern csr` waits for its certificate.
     pub fn pending_key_path(&self) -> PathBuf {
         self.dir.join("pending.key")

@@ -32,6 +32,17 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// service) is well below.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a program that connects while the tunnel is down waits for it to come back (a
+/// broker restart, a network change) before its connection is closed.
+pub const LOCAL_WAIT: Duration = Duration::from_secs(15);
+
+/// First wait before reconnecting after the connection was lost; it doubles with every failed
+/// attempt up to [`RECONNECT_MAX`], with jitter, so that agents do not come back in a storm.
+const RECONNECT_FIRST: Duration = Duration::from_millis(200);
+
+/// Longest wait between reconnection attempts.
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
 /// The connection to the broker, made on first use and remade when it is lost.
 #[derive(Debug)]
 pub struct Tunnel {
@@ -41,6 +52,25 @@ pub struct Tunnel {
     broker: String,
     server_name: String,
     slot: Mutex<Slot>,
+    state: tokio::sync::watch::Sender<TunnelState>,
+}
+
+/// What the tunnel is doing, for `postern status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunnelState {
+    /// Not connected yet: nothing has needed it.
+    Idle,
+    /// Connected to this broker address since then.
+    Connected(SocketAddr, std::time::SystemTime),
+    /// Lost or never made; the next attempt is this soon, and this was the last failure.
+    Reconnecting {
+        /// Attempts that failed in a row.
+        failures: u32,
+        /// Until the next attempt.
+        next: Duration,
+        /// Why the connection is not there, for people.
+        reason: String,
+    },
 }
 
 /// The current connection, or why the last attempt to make one failed.
@@ -90,6 +120,7 @@ impl Tunnel {
             broker: bundle.broker.clone(),
             server_name: bundle.server_name.clone(),
             slot: Mutex::new(Slot::default()),
+            state: tokio::sync::watch::Sender::new(TunnelState::Idle),
         })
     }
 
@@ -114,6 +145,10 @@ impl Tunnel {
         match self.connect().await {
             Ok(connection) => {
                 info!(broker = %self.broker, remote = %connection.remote_address(), "connected to the broker");
+                self.state.send_replace(TunnelState::Connected(
+                    connection.remote_address(),
+                    std::time::SystemTime::now(),
+                ));
                 *slot = Slot {
                     connection: Some(connection.clone()),
                     failure: None,
@@ -127,14 +162,73 @@ impl Tunnel {
         }
     }
 
-    /// Opens a stream to `service` and waits for the broker's answer.
+    /// What the tunnel is doing; changes are announced on the receiver.
+    pub fn state(&self) -> tokio::sync::watch::Receiver<TunnelState> {
+        self.state.subscribe()
+    }
+
+    /// Keeps the connection up until `stop`: when it is lost (broker restart, network gone) it
+    /// is made again at once, then after waits that double with every failure (with jitter), so
+    /// that programs find it ready and many agents do not come back all at once.
+    pub async fn keep_connected(&self, stop: tokio_util::sync::CancellationToken) {
+        let mut failures: u32 = 0;
+        loop {
+            let attempt = tokio::select! {
+                attempt = self.connection() => attempt,
+                () = stop.cancelled() => return,
+            };
+            let reason = match attempt {
+                Ok(connection) => {
+                    failures = 0;
+                    let closed = tokio::select! {
+                        reason = connection.closed() => reason,
+                        () = stop.cancelled() => return,
+                    };
+                    let reason = explain(&closed);
+                    info!(%reason, "connection to the broker lost; reconnecting");
+                    reason
+                }
+                Err(err) => {
+                    failures = failures.saturating_add(1);
+                    err.to_string()
+                }
+            };
+            let next = backoff(failures);
+            if failures > 0 {
+                debug!(failures, next_ms = next.as_millis(), %reason, "the broker cannot be reached; trying again");
+            }
+            self.state.send_replace(TunnelState::Reconnecting {
+                failures,
+                next,
+                reason,
+            });
+            tokio::select! {
+                () = tokio::time::sleep(next) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Opens a stream to `service` and waits for the broker's answer. While the tunnel is down
+    /// it waits up to [`LOCAL_WAIT`] for it to come back before giving up.
     pub async fn open(
         &self,
         service: &ServiceName,
     ) -> Result<(SendStream, RecvStream), TunnelError> {
+        let deadline = tokio::time::Instant::now() + LOCAL_WAIT;
         let mut retried = false;
         loop {
-            let connection = self.connection().await?;
+            let connection = match self.connection().await {
+                Ok(connection) => connection,
+                Err(err) if tokio::time::Instant::now() < deadline => {
+                    debug!(error = %err, "no connection to the broker yet; waiting for it");
+                    let mut state = self.state();
+                    let _ = tokio::time::timeout_at(deadline, state.changed()).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
             match self.try_open(&connection, service).await {
                 Err(TunnelError::Lost(_)) if !retried && connection.close_reason().is_some() => {
                     // The connection died (broker restart, network change): make a new one once.
@@ -224,6 +318,21 @@ impl Tunnel {
         *self.slot.lock().await = Slot::default();
         Ok(())
     }
+}
+
+/// The wait before reconnection attempt `failures + 1`: none right after a loss, then doubling
+/// from [`RECONNECT_FIRST`] up to [`RECONNECT_MAX`], each drawn between half and all of it.
+fn backoff(failures: u32) -> Duration {
+    if failures == 0 {
+        return RECONNECT_FIRST;
+    }
+    let ceiling = RECONNECT_FIRST
+        .saturating_mul(1u32.checked_shl(failures.min(16)).unwrap_or(u32::MAX))
+        .min(RECONNECT_MAX);
+    let mut byte = [0u8; 2];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
+    let fraction = f64::from(u16::from_le_bytes(byte)) / f64::from(u16::MAX);
+    ceiling.mul_f64(0.5 + fraction / 2.0)
 }
 
 fn client_config(
@@ -338,5 +447,32 @@ pub fn explain(error: &ConnectionError) -> String {
         ),
         ConnectionError::TimedOut => "the broker did not answer; check the address and that its UDP port is reachable from here".into(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnection_waits_double_with_jitter_up_to_a_ceiling() {
+        assert_eq!(backoff(0), RECONNECT_FIRST);
+        for failures in 1..40 {
+            let ceiling = RECONNECT_FIRST
+                .saturating_mul(1u32 << failures.min(16))
+                .min(RECONNECT_MAX);
+            for _ in 0..20 {
+                let wait = backoff(failures);
+                assert!(
+                    wait >= ceiling / 2 && wait <= ceiling,
+                    "{failures}: {wait:?} outside {:?}..={ceiling:?}",
+                    ceiling / 2
+                );
+            }
+        }
+        assert!(backoff(39) <= RECONNECT_MAX);
+        // Jitter: agents that failed together do not all come back together.
+        let draws: std::collections::HashSet<Duration> = (0..20).map(|_| backoff(8)).collect();
+        assert!(draws.len() > 10, "{draws:?}");
     }
 }

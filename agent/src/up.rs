@@ -151,6 +151,13 @@ impl Agent {
             renewal,
         } = self;
         let tasks = TaskTracker::new();
+        if let Some((home, _)) = &renewal {
+            tasks.spawn(report_state(
+                home.tunnel_state_path(),
+                tunnel.state(),
+                shutdown.clone(),
+            ));
+        }
         if let Some((home, identity)) = renewal {
             tasks.spawn(crate::renew::keep_renewed(
                 home,
@@ -160,13 +167,11 @@ impl Agent {
             ));
         }
         tasks.spawn(follow_network(tunnel.clone(), shutdown.clone()));
-        // Connect ahead of the first program, so that it does not wait for the handshake.
-        let early = tunnel.clone();
-        tasks.spawn(async move {
-            if let Err(err) = early.connection().await {
-                warn!("{err}; trying again when a program connects");
-            }
-        });
+        // Connected ahead of the first program, so that it does not wait for the handshake, and
+        // again whenever the connection is lost.
+        let keeper = tunnel.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(async move { keeper.keep_connected(stop).await });
         for (service, listener) in listeners {
             let (tunnel, shutdown, sessions) = (tunnel.clone(), shutdown.clone(), tasks.clone());
             tasks.spawn(accept_loop(service, listener, tunnel, shutdown, sessions));
@@ -177,6 +182,51 @@ impl Agent {
         let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
         tunnel.close().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+    }
+}
+
+/// Writes what the tunnel is doing to `path` whenever it changes, for `postern status`, and
+/// removes the file when the agent stops.
+async fn report_state(
+    path: std::path::PathBuf,
+    mut state: tokio::sync::watch::Receiver<crate::tunnel::TunnelState>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let line = describe_state(&state.borrow_and_update());
+        let text = format!("{}\n{line}\n", std::process::id());
+        if let Err(err) = tokio::fs::write(&path, text).await {
+            debug!(error = %err, "cannot write the tunnel state for `postern status`");
+        }
+        tokio::select! {
+            changed = state.changed() => if changed.is_err() { break },
+            () = shutdown.cancelled() => break,
+        }
+    }
+    let _ = tokio::fs::remove_file(&path).await;
+}
+
+/// One line for people about what the tunnel is doing.
+pub fn describe_state(state: &crate::tunnel::TunnelState) -> String {
+    use crate::tunnel::TunnelState;
+    match state {
+        TunnelState::Idle => "starting".to_owned(),
+        TunnelState::Connected(remote, since) => {
+            format!(
+                "connected to {remote} since {}",
+                postern_certs::rfc3339(*since)
+            )
+        }
+        TunnelState::Reconnecting {
+            failures,
+            next,
+            reason,
+        } => format!(
+            "reconnecting: {reason} (next attempt in {}, {failures} failed in a row)",
+            humantime::format_duration(Duration::from_millis(
+                u64::try_from(next.as_millis()).unwrap_or(u64::MAX)
+            ))
+        ),
     }
 }
 

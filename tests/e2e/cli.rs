@@ -134,11 +134,16 @@ async fn the_quickstart_works_as_written() {
         String::from_utf8_lossy(&searched.stdout).trim(),
         "* SEARCH 1 2 3 4"
     );
+    // `status` shows what the running agent's tunnel is doing.
+    let printed = run(postern, &["status"], &home);
+    assert!(printed.contains("Tunnel:       connected to "), "{printed}");
 
     assert!(
         up.terminate().success(),
         "the agent stops cleanly on SIGTERM"
     );
+    let printed = run(postern, &["status"], &home);
+    assert!(printed.contains("Tunnel:       not running"), "{printed}");
     assert!(
         serving.terminate().success(),
         "the broker stops cleanly on SIGTERM"

@@ -13,6 +13,7 @@ mod expiry;
 mod local_user;
 mod login;
 mod reauthorization;
+mod reconnect;
 mod renewal;
 mod revocation;
 mod roaming;

@@ -326,6 +326,22 @@ impl Gateway {
         self.join().await;
     }
 
+    /// Stops the broker (gracefully), as for an upgrade; [`resume`](Self::resume) starts it
+    /// again on the same address.
+    pub async fn pause(&mut self) {
+        self.shutdown.cancel();
+        self.join().await;
+    }
+
+    /// Starts the broker again on the address it had, with the same folder.
+    pub fn resume(&mut self) {
+        let mut config = self.config.clone();
+        config.listen = self.addr;
+        let broker = Broker::start(config).unwrap();
+        self.shutdown = broker.shutdown_token();
+        self.task = Some(tokio::spawn(broker.run()));
+    }
+
     /// Starts a graceful shutdown without waiting for it.
     pub fn begin_shutdown(&self) {
         self.shutdown.cancel();

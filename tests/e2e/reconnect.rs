@@ -1,0 +1,86 @@
+//! When the broker restarts, the agent is back by itself within 2 s, and a program that connects
+//! meanwhile waits for it instead of failing.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use postern_tests::{AgentHandle, Gateway};
+
+async fn echo_once(agent: &AgentHandle, text: &[u8]) -> Vec<u8> {
+    let mut stream = tokio::net::TcpStream::connect(agent.addr("echo"))
+        .await
+        .unwrap();
+    stream.write_all(text).await.unwrap();
+    let mut back = vec![0u8; text.len()];
+    tokio::time::timeout(Duration::from_secs(20), stream.read_exact(&mut back))
+        .await
+        .expect("an answer")
+        .unwrap();
+    back
+}
+
+/// Waits until the broker has recorded `count` tunnel connections, up to `limit`.
+async fn connections(gateway: &Gateway, count: usize, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if gateway.audit_events("connection.open").len() >= count {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_broker_restart_the_agent_is_back_within_two_seconds() {
+    let mut gateway = Gateway::start(&[("echo", postern_tests::echo_server().await)]).await;
+    let agent =
+        AgentHandle::start(&gateway.issue("alice@example.org", &[], Duration::from_secs(600)))
+            .await;
+    // The agent connects before any program asks.
+    assert!(connections(&gateway, 1, Duration::from_secs(10)).await);
+    assert_eq!(echo_once(&agent, b"one").await, b"one");
+
+    gateway.pause().await;
+    gateway.resume();
+    assert!(
+        connections(&gateway, 2, Duration::from_secs(2)).await,
+        "reconnected within 2 s of the restart, with no program asking"
+    );
+    assert_eq!(echo_once(&agent, b"two").await, b"two");
+    agent.stop().await;
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_that_connects_while_the_broker_is_down_waits_for_it() {
+    let mut gateway = Gateway::start(&[("echo", postern_tests::echo_server().await)]).await;
+    let agent =
+        AgentHandle::start(&gateway.issue("alice@example.org", &[], Duration::from_secs(600)))
+            .await;
+    assert!(connections(&gateway, 1, Duration::from_secs(10)).await);
+
+    gateway.pause().await;
+    let waiting = tokio::spawn({
+        let addr = agent.addr("echo");
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(b"patient").await.unwrap();
+            let mut back = [0u8; 7];
+            tokio::time::timeout(Duration::from_secs(20), stream.read_exact(&mut back))
+                .await
+                .map(|read| read.map(|_| back))
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    gateway.resume();
+    let answered = waiting.await.unwrap();
+    assert_eq!(
+        answered.expect("answered in time").expect("read"),
+        *b"patient",
+        "the program waited for the broker and was served"
+    );
+    agent.stop().await;
+    gateway.stop().await;
+}
