@@ -25,6 +25,10 @@ pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default number of streams an agent may have open on one connection.
 pub const DEFAULT_MAX_STREAMS: u32 = 256;
+/// Default `limits.max_sessions_per_user`.
+pub const DEFAULT_MAX_SESSIONS_PER_USER: usize = 64;
+/// Default `limits.max_pending_connects`.
+pub const DEFAULT_MAX_PENDING_CONNECTS: usize = 256;
 /// Default time sessions get to finish on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Default lifetime of a certificate issued at login or renewal.
@@ -162,6 +166,10 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Streams an agent may have open on one connection.
     pub max_streams_per_connection: u32,
+    /// Sessions one user may have open at once, across devices and connections.
+    pub max_sessions_per_user: usize,
+    /// Connections to services the broker makes at once; more wait up to `connect_timeout`.
+    pub max_pending_connects: usize,
     /// Time sessions get to finish on shutdown before they are cut.
     pub shutdown_grace: Duration,
 }
@@ -308,6 +316,8 @@ struct RawLimits {
     open_timeout: Option<String>,
     idle_timeout: Option<String>,
     max_streams_per_connection: Option<u32>,
+    max_sessions_per_user: Option<usize>,
+    max_pending_connects: Option<usize>,
     shutdown_grace: Option<String>,
 }
 
@@ -457,6 +467,11 @@ impl Config {
             Some(file) => AuditTarget::File(base.join(file)),
         };
 
+        let at_least_one = |key: &str, value: Option<usize>, default: usize| match value {
+            Some(0) => Err(invalid(key, "must be at least 1".into())),
+            Some(value) => Ok(value),
+            None => Ok(default),
+        };
         let max_streams = raw
             .limits
             .max_streams_per_connection
@@ -484,6 +499,16 @@ impl Config {
                 DEFAULT_IDLE_TIMEOUT,
             )?,
             max_streams_per_connection: max_streams,
+            max_sessions_per_user: at_least_one(
+                "limits.max_sessions_per_user",
+                raw.limits.max_sessions_per_user,
+                DEFAULT_MAX_SESSIONS_PER_USER,
+            )?,
+            max_pending_connects: at_least_one(
+                "limits.max_pending_connects",
+                raw.limits.max_pending_connects,
+                DEFAULT_MAX_PENDING_CONNECTS,
+            )?,
             shutdown_grace: duration(
                 "limits.shutdown_grace",
                 raw.limits.shutdown_grace.as_deref(),
@@ -809,6 +834,12 @@ client_ca_key = "pki/client-ca.key"
 # idle_timeout = "{idle}"
 # Streams (forwarded connections) an agent may have open at once. Default: {DEFAULT_MAX_STREAMS}.
 # max_streams_per_connection = {DEFAULT_MAX_STREAMS}
+# Sessions one user may have open at once, across devices: mail clients open a few per
+# account. Default: {DEFAULT_MAX_SESSIONS_PER_USER}.
+# max_sessions_per_user = {DEFAULT_MAX_SESSIONS_PER_USER}
+# Connections to services the broker makes at once; more wait up to connect_timeout.
+# Default: {DEFAULT_MAX_PENDING_CONNECTS}.
+# max_pending_connects = {DEFAULT_MAX_PENDING_CONNECTS}
 # On shutdown, time open sessions get to finish before they are cut. Default: "{grace}".
 # shutdown_grace = "{grace}"
 
@@ -1033,6 +1064,31 @@ mod tests {
                 "# dir = \"policies\"",
                 "directory = \"policies\"",
                 "unknown field `directory`",
+            ),
+            (
+                "# max_sessions_per_user = 64",
+                "max_sessions_per_user = 0",
+                "`limits.max_sessions_per_user` must be at least 1",
+            ),
+            (
+                "# max_pending_connects = 256",
+                "max_pending_connects = 0",
+                "`limits.max_pending_connects`",
+            ),
+            (
+                "# recheck_interval = \"60s\"",
+                "recheck_interval = \"30days\"",
+                "`policy.recheck_interval` is at most",
+            ),
+            (
+                "# time_zone = \"UTC\"",
+                "time_zone = \"Mars/Olympus\"",
+                "`policy.time_zone`",
+            ),
+            (
+                "# listen = \"127.0.0.1:9464\"",
+                "listen = \"metrics\"",
+                "`metrics.listen`",
             ),
         ];
         for (from, to, expected) in cases {

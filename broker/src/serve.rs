@@ -127,6 +127,10 @@ pub(crate) struct Shared {
     next_connection: AtomicU64,
     next_session: AtomicU64,
     pub(crate) open_sessions: AtomicUsize,
+    /// Open sessions per user id, against `limits.max_sessions_per_user`.
+    per_user: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// Connections to services being made, against `limits.max_pending_connects`.
+    connect_slots: tokio::sync::Semaphore,
     handshakes: AtomicUsize,
 }
 
@@ -149,6 +153,47 @@ struct Peer {
     authentication: Authentication,
     /// The device id, as policies see it.
     device: String,
+}
+
+/// One of a user's open sessions, counted for as long as it lives.
+struct UserSlot<'a> {
+    shared: &'a Shared,
+    user: String,
+}
+
+impl<'a> UserSlot<'a> {
+    /// Counts a session of `user`, unless they have as many as the limit already.
+    fn take(shared: &'a Shared, user: &str) -> Option<Self> {
+        let mut counts = shared
+            .per_user
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = counts.entry(user.to_owned()).or_insert(0);
+        if *count >= shared.config.limits.max_sessions_per_user {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            shared,
+            user: user.to_owned(),
+        })
+    }
+}
+
+impl Drop for UserSlot<'_> {
+    fn drop(&mut self) {
+        let mut counts = self
+            .shared
+            .per_user
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.user) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.user);
+            }
+        }
+    }
 }
 
 /// Counts something in progress (sessions, handshakes) for as long as it lives.
@@ -212,6 +257,7 @@ impl Broker {
                     .map_err(|source| StartError::Metrics { addr, source })
             })
             .transpose()?;
+        let pending_connects = config.limits.max_pending_connects;
         let shared = Shared {
             config,
             verifier,
@@ -224,6 +270,8 @@ impl Broker {
             next_connection: AtomicU64::new(1),
             next_session: AtomicU64::new(1),
             open_sessions: AtomicUsize::new(0),
+            per_user: std::sync::Mutex::new(std::collections::HashMap::new()),
+            connect_slots: tokio::sync::Semaphore::new(pending_connects),
             handshakes: AtomicUsize::new(0),
         };
         Ok(Self {
@@ -750,6 +798,15 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
                 return refuse(&shared, connect, &mut send, RefuseCode::NotPermitted, denial.reason).await;
             }
         };
+        let Some(_user_slot) = UserSlot::take(&shared, &peer.principal.id) else {
+            let reason = format!(
+                "{} has {} sessions open, the most this broker allows (`limits.max_sessions_per_user`); close some mail clients, or ask your administrator",
+                peer.client.identity.display_name(),
+                shared.config.limits.max_sessions_per_user
+            );
+            let connect = peer.connect(session, source, name, Some(&decision));
+            return refuse(&shared, connect, &mut send, RefuseCode::Busy, reason).await;
+        };
         let audited = peer.connect(session, source, name, Some(&decision));
         if let Err(err) = shared.audit.record(&Event::ConnectAllow(audited)).await {
             tracing::error!(error = %err, "cannot write the audit trail: refusing the session");
@@ -781,7 +838,14 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
                 reason: &reason,
             });
         };
-        let upstream = match connect_upstream(&service.config, shared.config.limits.connect_timeout).await {
+        let connect_timeout = shared.config.limits.connect_timeout;
+        let Ok(Ok(_connecting)) = tokio::time::timeout(connect_timeout, shared.connect_slots.acquire()).await else {
+            let reason = "the broker is making too many connections at once; try again in a moment";
+            warn!("too many connections to services in progress (`limits.max_pending_connects`)");
+            answer(&mut send, Answer::Refused(Refusal::new(RefuseCode::Busy, reason))).await;
+            return close("busy: too many connections to services in progress".into(), 0, 0);
+        };
+        let upstream = match connect_upstream(&service.config, connect_timeout).await {
             Ok(upstream) => upstream,
             Err((code, detail)) => {
                 warn!(upstream = %format!("{}:{}", service.config.host, service.config.port), error = %detail, "service unreachable");
@@ -790,6 +854,7 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
                 return close(format!("{}: {detail}", code.as_str()), 0, 0);
             }
         };
+        drop(_connecting);
         if let Err(err) = write_frame(&mut send, &Answer::Opened).await {
             return close(format!("client_gone: {err}"), 0, 0);
         }

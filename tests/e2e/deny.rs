@@ -236,3 +236,51 @@ async fn a_service_that_is_down_gives_a_clean_refusal() {
         .await;
     assert_eq!(closed["source"]["bytes"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_gets_no_more_sessions_than_the_limit_across_devices() {
+    let gateway = Gateway::start_with(
+        &[("echo", postern_tests::echo_server().await)],
+        None,
+        |config| {
+            *config = config.replace("# max_sessions_per_user = 64", "max_sessions_per_user = 2");
+        },
+    )
+    .await;
+    let laptop = gateway.issue("alice@example.org", &[], HOUR);
+    let phone = gateway.issue("alice@example.org", &[], HOUR);
+    let service = ServiceName::new("echo").unwrap();
+    let on_laptop = Tunnel::new(&laptop, laptop.credential().unwrap()).unwrap();
+    let on_phone = Tunnel::new(&phone, phone.credential().unwrap()).unwrap();
+    let first = on_laptop.open(&service).await.unwrap();
+    let second = on_phone.open(&service).await.unwrap();
+    match on_laptop.open(&service).await {
+        Err(TunnelError::Refused(refusal)) => {
+            assert_eq!(refusal.code(), RefuseCode::Busy);
+            assert!(
+                refusal.reason().contains("max_sessions_per_user"),
+                "{refusal}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let denied = gateway
+        .wait_for_audit("connect.deny", |e| e["postern"]["refuse_code"] == "busy")
+        .await;
+    assert_eq!(denied["user"]["email"], "alice@example.org");
+    // Another user is not counted against alice; a closed session frees its place.
+    let bob = gateway.issue("bob@example.org", &[], HOUR);
+    assert!(open(&bob, "echo").await.is_ok());
+    drop(first);
+    drop(second);
+    let mut freed = false;
+    for _ in 0..100 {
+        if on_phone.open(&service).await.is_ok() {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(freed, "a closed session frees its place");
+    gateway.stop().await;
+}

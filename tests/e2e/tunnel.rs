@@ -95,7 +95,18 @@ async fn curl_lists_and_fetches_through_the_tunnel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_connections_keep_their_bytes() {
     const CONNECTIONS: usize = 200;
-    let gateway = Gateway::start(&[("echo", postern_tests::echo_server().await)]).await;
+    // One user with more sessions at once than the default limit allows.
+    let gateway = Gateway::start_with(
+        &[("echo", postern_tests::echo_server().await)],
+        None,
+        |config| {
+            *config = config.replace(
+                "# max_sessions_per_user = 64",
+                "max_sessions_per_user = 256",
+            );
+        },
+    )
+    .await;
     let agent =
         AgentHandle::start(&gateway.issue("load@example.org", &[], Duration::from_secs(600))).await;
     let addr = agent.addr("echo");
