@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use postern_certs::{Bundle, ClientCredential};
-use postern_proto::{ALPN_TUNNEL, Answer, CloseCode, Open, Refusal, ServiceName};
+use postern_proto::{ALPN_TUNNEL, Answer, CloseCode, Open, Refusal, RefuseCode, ServiceName};
 use postern_transport::{Tuning, read_frame, write_frame};
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream};
@@ -98,6 +98,8 @@ pub enum TunnelError {
         broker: String,
         /// What went wrong, for people.
         detail: String,
+        /// Whether trying again could help: not when the broker refused this identity.
+        transient: bool,
     },
     /// The broker refused the stream.
     #[error("the broker refused: {0}")]
@@ -162,6 +164,18 @@ impl Tunnel {
         }
     }
 
+    /// Stops handing out `connection` for new streams (its open streams go on).
+    async fn set_aside(&self, connection: &Connection) {
+        let mut slot = self.slot.lock().await;
+        if slot
+            .connection
+            .as_ref()
+            .is_some_and(|current| current.stable_id() == connection.stable_id())
+        {
+            slot.connection = None;
+        }
+    }
+
     /// What the tunnel is doing; changes are announced on the receiver.
     pub fn state(&self) -> tokio::sync::watch::Receiver<TunnelState> {
         self.state.subscribe()
@@ -220,7 +234,7 @@ impl Tunnel {
         loop {
             let connection = match self.connection().await {
                 Ok(connection) => connection,
-                Err(err) if tokio::time::Instant::now() < deadline => {
+                Err(err) if err.is_transient() && tokio::time::Instant::now() < deadline => {
                     debug!(error = %err, "no connection to the broker yet; waiting for it");
                     let mut state = self.state();
                     let _ = tokio::time::timeout_at(deadline, state.changed()).await;
@@ -240,6 +254,17 @@ impl Tunnel {
                         .close_reason()
                         .map_or(detail, |reason| explain(&reason));
                     return Err(TunnelError::Lost(detail));
+                }
+                Err(TunnelError::Refused(refusal))
+                    if refusal.code() == RefuseCode::ShuttingDown
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    // The broker is draining (an upgrade): sessions open on this connection
+                    // finish there, new ones wait for a fresh connection, to the restarted
+                    // broker or another replica.
+                    info!("the broker is shutting down; new connections wait for it to come back");
+                    self.set_aside(&connection).await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 other => return other,
             }
@@ -320,6 +345,37 @@ impl Tunnel {
     }
 }
 
+/// Whether a failed handshake may succeed later (the broker restarting, the network coming
+/// back), rather than never for this identity (its certificate refused).
+fn transient(error: &ConnectionError) -> bool {
+    match error {
+        ConnectionError::TransportError(err) => !is_tls_alert(err.code),
+        ConnectionError::ConnectionClosed(close) => !is_tls_alert(close.error_code),
+        ConnectionError::ApplicationClosed(close) => {
+            close.error_code != postern_transport::close_code(CloseCode::IdentityRequired)
+        }
+        ConnectionError::VersionMismatch => false,
+        _ => true,
+    }
+}
+
+/// TLS alerts travel as QUIC errors 0x100–0x1ff: the handshake itself was refused.
+fn is_tls_alert(code: quinn::TransportErrorCode) -> bool {
+    (0x100..0x200).contains(&u64::from(code))
+}
+
+impl TunnelError {
+    /// Whether waiting for the broker could help: it is restarting or out of reach, rather than
+    /// refusing this identity or this service.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            TunnelError::Resolve { .. } | TunnelError::Lost(_) => true,
+            TunnelError::Connect { transient, .. } => *transient,
+            TunnelError::Refused(_) | TunnelError::Setup(_) => false,
+        }
+    }
+}
+
 /// The wait before reconnection attempt `failures + 1`: none right after a loss, then doubling
 /// from [`RECONNECT_FIRST`] up to [`RECONNECT_MAX`], each drawn between half and all of it.
 fn backoff(failures: u32) -> Duration {
@@ -384,24 +440,29 @@ pub(crate) async fn dial(
         let delay = ATTEMPT_STAGGER * u32::try_from(index).unwrap_or(u32::MAX);
         attempts.spawn(async move {
             tokio::time::sleep(delay).await;
-            let connecting = endpoint.connect_with(config, address, &server_name).map_err(|e| (address, e.to_string()))?;
+            let connecting = endpoint.connect_with(config, address, &server_name).map_err(|e| (address, e.to_string(), false))?;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
-                Ok(result) => result.map_err(|e| (address, explain(&e))),
-                Err(_) => Err((address, format!("no answer within {}s; check the address and that its UDP port is reachable from here", HANDSHAKE_TIMEOUT.as_secs()))),
+                Ok(result) => result.map_err(|e| (address, explain(&e), transient(&e))),
+                Err(_) => Err((address, format!("no answer within {}s; check the address and that its UDP port is reachable from here", HANDSHAKE_TIMEOUT.as_secs()), true)),
             }
         });
     }
     let mut failures = Vec::new();
+    let mut any_transient = false;
     while let Some(result) = attempts.join_next().await {
         match result {
             Ok(Ok(connection)) => return Ok(connection),
-            Ok(Err((address, detail))) => failures.push(format!("{address}: {detail}")),
+            Ok(Err((address, detail, transient))) => {
+                any_transient |= transient;
+                failures.push(format!("{address}: {detail}"));
+            }
             Err(join) => failures.push(join.to_string()),
         }
     }
     Err(TunnelError::Connect {
         broker: broker.to_owned(),
         detail: failures.join("; "),
+        transient: any_transient,
     })
 }
 

@@ -84,3 +84,59 @@ async fn a_program_that_connects_while_the_broker_is_down_waits_for_it() {
     agent.stop().await;
     gateway.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_broker_finishes_open_sessions_and_new_ones_wait_for_its_return() {
+    let mut gateway = Gateway::start_with(
+        &[("echo", postern_tests::echo_server().await)],
+        None,
+        |config| {
+            *config = config.replace("# shutdown_grace = \"30s\"", "shutdown_grace = \"20s\"");
+        },
+    )
+    .await;
+    let agent =
+        AgentHandle::start(&gateway.issue("alice@example.org", &[], Duration::from_secs(600)))
+            .await;
+    let mut open = tokio::net::TcpStream::connect(agent.addr("echo"))
+        .await
+        .unwrap();
+    let mut back = [0u8; 5];
+    open.write_all(b"first").await.unwrap();
+    open.read_exact(&mut back).await.unwrap();
+
+    // An upgrade begins: the broker drains.
+    gateway.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = tokio::spawn({
+        let addr = agent.addr("echo");
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(b"later").await.unwrap();
+            let mut back = [0u8; 5];
+            tokio::time::timeout(Duration::from_secs(20), stream.read_exact(&mut back))
+                .await
+                .map(|read| read.map(|_| back))
+        }
+    });
+    // The session open before the drain still works.
+    open.write_all(b"again").await.unwrap();
+    open.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"again");
+    drop(open);
+    gateway.join().await;
+    gateway.resume();
+    let answered = waiting.await.unwrap();
+    assert_eq!(
+        answered.expect("answered in time").expect("read"),
+        *b"later",
+        "the program that came during the drain was served by the restarted broker"
+    );
+    gateway
+        .wait_for_audit("connect.deny", |e| {
+            e["postern"]["refuse_code"] == "shutting_down"
+        })
+        .await;
+    agent.stop().await;
+    gateway.stop().await;
+}
