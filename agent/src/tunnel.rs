@@ -43,6 +43,12 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 /// Longest wait between reconnection attempts.
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
+/// A connection that lived this long was a success: the waits start over after it is lost.
+const STABLE: Duration = Duration::from_secs(10);
+
+/// Failures counted for a refusal of this identity: the wait goes straight to the longest.
+const PERMANENT_FAILURES: u32 = 8;
+
 /// The connection to the broker, made on first use and remade when it is lost.
 #[derive(Debug)]
 pub struct Tunnel {
@@ -53,6 +59,9 @@ pub struct Tunnel {
     server_name: String,
     slot: Mutex<Slot>,
     state: tokio::sync::watch::Sender<TunnelState>,
+    /// Woken when the connection for new streams is replaced (renewal, a draining broker), so
+    /// that `keep_connected` follows the new one.
+    replaced: tokio::sync::Notify,
 }
 
 /// What the tunnel is doing, for `postern status`.
@@ -123,6 +132,7 @@ impl Tunnel {
             server_name: bundle.server_name.clone(),
             slot: Mutex::new(Slot::default()),
             state: tokio::sync::watch::Sender::new(TunnelState::Idle),
+            replaced: tokio::sync::Notify::new(),
         })
     }
 
@@ -174,6 +184,7 @@ impl Tunnel {
         {
             slot.connection = None;
         }
+        self.replaced.notify_waiters();
     }
 
     /// What the tunnel is doing; changes are announced on the receiver.
@@ -193,17 +204,40 @@ impl Tunnel {
             };
             let reason = match attempt {
                 Ok(connection) => {
-                    failures = 0;
+                    let remote = connection.remote_address();
+                    if !matches!(*self.state.borrow(), TunnelState::Connected(at, _) if at == remote)
+                    {
+                        self.state.send_replace(TunnelState::Connected(
+                            remote,
+                            std::time::SystemTime::now(),
+                        ));
+                    }
+                    let since = Instant::now();
                     let closed = tokio::select! {
                         reason = connection.closed() => reason,
+                        // New streams use another connection now: follow it, and let this one
+                        // close when its last session ends.
+                        () = self.replaced.notified() => continue,
                         () = stop.cancelled() => return,
                     };
+                    if !transient(&closed) {
+                        // The broker refused this identity (TLS 1.3 tells the client after the
+                        // handshake): trying again soon cannot help; renewal or login will.
+                        failures = failures.max(PERMANENT_FAILURES);
+                    } else if since.elapsed() >= STABLE {
+                        failures = 0;
+                    } else {
+                        failures = failures.saturating_add(1);
+                    }
                     let reason = explain(&closed);
                     info!(%reason, "connection to the broker lost; reconnecting");
                     reason
                 }
                 Err(err) => {
                     failures = failures.saturating_add(1);
+                    if !err.is_transient() {
+                        failures = failures.max(PERMANENT_FAILURES);
+                    }
                     err.to_string()
                 }
             };
@@ -218,6 +252,7 @@ impl Tunnel {
             });
             tokio::select! {
                 () = tokio::time::sleep(next) => {}
+                () = self.replaced.notified() => {}
                 () = stop.cancelled() => return,
             }
         }
@@ -232,12 +267,22 @@ impl Tunnel {
         let deadline = tokio::time::Instant::now() + LOCAL_WAIT;
         let mut retried = false;
         loop {
-            let connection = match self.connection().await {
+            let attempt = tokio::time::timeout_at(deadline, self.connection()).await;
+            let connection = match attempt.unwrap_or_else(|_| {
+                Err(TunnelError::Lost(format!(
+                    "the broker did not come back within {}s",
+                    LOCAL_WAIT.as_secs()
+                )))
+            }) {
                 Ok(connection) => connection,
                 Err(err) if err.is_transient() && tokio::time::Instant::now() < deadline => {
                     debug!(error = %err, "no connection to the broker yet; waiting for it");
+                    // Woken when the tunnel's state changes, or after a while anyway: at most a
+                    // few attempts a second per waiting program.
                     let mut state = self.state();
-                    let _ = tokio::time::timeout_at(deadline, state.changed()).await;
+                    let next_look =
+                        deadline.min(tokio::time::Instant::now() + Duration::from_millis(500));
+                    let _ = tokio::time::timeout_at(next_look, state.changed()).await;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -341,6 +386,7 @@ impl Tunnel {
     ) -> Result<(), TunnelError> {
         *self.config.lock().await = client_config(bundle, credential)?;
         *self.slot.lock().await = Slot::default();
+        self.replaced.notify_waiters();
         Ok(())
     }
 }

@@ -195,7 +195,13 @@ async fn report_state(
     loop {
         let line = describe_state(&state.borrow_and_update());
         let text = format!("{}\n{line}\n", std::process::id());
-        if let Err(err) = tokio::fs::write(&path, text).await {
+        // Written beside and renamed, so `postern status` never reads half a file.
+        let temporary = path.with_extension("state.new");
+        let written = match tokio::fs::write(&temporary, text).await {
+            Ok(()) => tokio::fs::rename(&temporary, &path).await,
+            Err(err) => Err(err),
+        };
+        if let Err(err) = written {
             debug!(error = %err, "cannot write the tunnel state for `postern status`");
         }
         tokio::select! {

@@ -776,6 +776,8 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
             ended: std::sync::OnceLock::new(),
         });
         let _registration = shared.authority.register(live.clone());
+        // Read after registering: a move of the connection from here on re-checks this session.
+        let source = peer.connection.remote_address();
         let decision = loop {
             let snapshot = shared.authority.current();
             let result = authorize(

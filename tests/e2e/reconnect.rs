@@ -140,3 +140,34 @@ async fn a_draining_broker_finishes_open_sessions_and_new_ones_wait_for_its_retu
     agent.stop().await;
     gateway.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_certificate_is_refused_does_not_hammer_the_broker() {
+    let gateway = Gateway::start(&[("echo", postern_tests::echo_server().await)]).await;
+    let issued = gateway.issue("alice@example.org", &[], Duration::from_secs(600));
+    // The same identity, signed by a CA this broker does not trust.
+    let identity = postern_certs::inspect_unverified(&issued.certificate)
+        .unwrap()
+        .identity;
+    let request = postern_certs::KeyRequest::generate().unwrap();
+    let key = postern_certs::PublicKey::from_csr_pem(request.csr_pem.as_bytes()).unwrap();
+    let foreign = postern_certs::testdata::other_ca()
+        .issue(
+            &identity,
+            &key,
+            std::time::SystemTime::now(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let agent = AgentHandle::start(&Gateway::rebundle(&issued, foreign, request.key_pem)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // TLS 1.3 tells the client of the refusal only after its side of the handshake: the agent
+    // must not take that for a working connection and try again five times a second.
+    let refused = gateway.audit_events("connection.deny").len();
+    assert!(
+        (1..=3).contains(&refused),
+        "{refused} refused handshakes in 4 s"
+    );
+    agent.stop().await;
+    gateway.stop().await;
+}
