@@ -58,7 +58,7 @@ async fn greet(addr: std::net::SocketAddr) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
-fn percentile(sorted: &[Duration], p: usize) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: usize) -> Duration {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
 

@@ -10,6 +10,8 @@ use postern_policy::{
     Action, Authentication, Certificate, Policies, Principal, Request, Service, Source,
 };
 use serde_json::{Value, json};
+
+use crate::latency::percentile;
 use tokio_util::sync::CancellationToken;
 
 /// What was measured.
@@ -198,13 +200,6 @@ async fn recheck(
     drop(registrations);
     times.sort();
     Ok(times)
-}
-
-fn percentile(sorted: &[Duration], p: usize) -> Duration {
-    sorted
-        .get((sorted.len().saturating_sub(1)) * p / 100)
-        .copied()
-        .unwrap_or_default()
 }
 
 impl PolicyCost {

@@ -116,17 +116,6 @@ pub struct Ended {
     pub trigger: Trigger,
 }
 
-impl Trigger {
-    /// `change` or `timer`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Change => "change",
-            Trigger::Timer => "timer",
-            Trigger::Path => "path",
-        }
-    }
-}
-
 /// Why the sessions were asked again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
@@ -170,6 +159,17 @@ const LINEAGES_BEFORE_PRUNING: usize = 4096;
 
 /// How soon a reload that could not read a file is tried again.
 const UNREADABLE_RETRY: Duration = Duration::from_secs(5);
+
+impl Trigger {
+    /// `change` or `timer`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Change => "change",
+            Trigger::Timer => "timer",
+            Trigger::Path => "path",
+        }
+    }
+}
 
 impl Authority {
     /// Starts with a snapshot loaded already.
@@ -693,6 +693,24 @@ mod tests {
         )
     }
 
+    /// An authority over `dir`, watching it (with a timer that never fires in a test).
+    fn watching(
+        dir: &Path,
+    ) -> (
+        Arc<Authority>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let authority = Arc::new(authority(dir, "UTC"));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(authority.clone().run(
+            Arc::new(audit()),
+            Duration::from_secs(3600),
+            stop.clone(),
+        ));
+        (authority, stop, task)
+    }
+
     fn audit() -> Audit {
         Audit::with_sink(Box::new(std::io::sink())).unwrap()
     }
@@ -788,13 +806,7 @@ mod tests {
     #[tokio::test]
     async fn the_watcher_takes_in_a_file_change_within_two_seconds() {
         let dir = folder(r#"@id("all") permit (principal, action, resource);"#);
-        let authority = Arc::new(authority(dir.path(), "UTC"));
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(authority.clone().run(
-            Arc::new(audit()),
-            Duration::from_secs(3600),
-            stop.clone(),
-        ));
+        let (authority, stop, task) = watching(dir.path());
         let live = session(3);
         let _registration = authority.register(live.clone());
         std::fs::write(
@@ -825,13 +837,7 @@ mod tests {
         .unwrap();
         std::os::unix::fs::symlink("..2026_01", dir.path().join("..data")).unwrap();
         std::os::unix::fs::symlink("..data/p.cedar", dir.path().join("p.cedar")).unwrap();
-        let authority = Arc::new(authority(dir.path(), "UTC"));
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(authority.clone().run(
-            Arc::new(audit()),
-            Duration::from_secs(3600),
-            stop.clone(),
-        ));
+        let (authority, stop, task) = watching(dir.path());
         let live = session(4);
         let _registration = authority.register(live.clone());
 

@@ -318,14 +318,7 @@ impl Scenario {
             groups: self.principal.groups.clone(),
         };
         let c = &self.context;
-        let now = match &c.time {
-            None => jiff::Timestamp::from_second(DEFAULT_TIME)
-                .map_err(|e| bad("time", &e))?
-                .to_zoned(zone.clone()),
-            Some(text) => parse_time(text, zone).map_err(|e| bad("context.time", &e))?,
-        };
-        let at = SystemTime::UNIX_EPOCH
-            + Duration::from_secs(u64::try_from(now.timestamp().as_second()).unwrap_or(0));
+        let (now, at) = self.instant(zone)?;
         let (issuance, flow) = match (c.issuance.as_str(), c.flow.as_deref()) {
             ("login", None | Some("device_code")) => ("login", Some("device_code")),
             ("admin", None) => ("admin", None),
@@ -414,20 +407,7 @@ impl Scenario {
         let c = &self.context;
         let bad =
             |field: &str, err: &dyn std::fmt::Display| ScenarioError(format!("`{field}`: {err}"));
-        let now = match &c.time {
-            None => jiff::Timestamp::from_second(DEFAULT_TIME).map_err(|e| bad("time", &e))?,
-            Some(text) => parse_time(text, zone)
-                .map_err(|e| bad("context.time", &e))?
-                .timestamp(),
-        };
-        // Whole seconds, as certificate times are.
-        let at = SystemTime::UNIX_EPOCH
-            + Duration::from_secs(u64::try_from(now.as_second()).unwrap_or(0));
-        let ago = |field: &str, text: &str| {
-            humantime::parse_duration(text)
-                .map(|d| at.checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH))
-                .map_err(|e| bad(field, &e))
-        };
+        let (_, at) = self.instant(zone)?;
         let device = c
             .device
             .parse::<postern_certs::DeviceId>()
@@ -440,8 +420,8 @@ impl Scenario {
             .map_err(|e| bad("context.lineage", &e))?;
         Ok(revocations.check(&crate::revocations::Subject {
             user: &self.principal.id,
-            auth_time: ago("context.session_age", &c.session_age)?,
-            issued: ago("context.certificate_age", &c.certificate_age)?,
+            auth_time: shift(at, "context.session_age", &c.session_age, false)?,
+            issued: shift(at, "context.certificate_age", &c.certificate_age, false)?,
             lineage: lineage.as_ref(),
             device: &device,
         }))
@@ -511,6 +491,23 @@ pub fn parse_time(text: &str, zone: &TimeZone) -> Result<Zoned, String> {
         .map_err(|e| {
             format!("{e}; write an instant such as 2026-11-26T08:30:00Z or a local time such as 2026-11-26T09:30:00[Europe/Madrid]")
         })
+}
+
+impl Scenario {
+    /// When the scenario happens: in `zone`, and as whole seconds (as certificate times are).
+    fn instant(&self, zone: &TimeZone) -> Result<(Zoned, SystemTime), ScenarioError> {
+        let now = match &self.context.time {
+            None => jiff::Timestamp::from_second(DEFAULT_TIME)
+                .map_err(|e| ScenarioError(format!("`time`: {e}")))?
+                .to_zoned(zone.clone()),
+            Some(text) => {
+                parse_time(text, zone).map_err(|e| ScenarioError(format!("`context.time`: {e}")))?
+            }
+        };
+        let at = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(u64::try_from(now.timestamp().as_second()).unwrap_or(0));
+        Ok((now, at))
+    }
 }
 
 /// `at` moved back (or `forward`) by the duration `text`, refusing one out of range.
