@@ -80,6 +80,16 @@ enum Command {
     },
     /// Show who this device is, until when, and through which broker.
     Status,
+    /// Make mail programs trust this device's local CA, for IMAP over TLS on localhost:993:
+    /// shows where it is and the exact commands for each system, or runs the ones that need no
+    /// administrator with --install.
+    Trust {
+        /// Add the CA to this user's certificate stores: NSS databases on Linux (Thunderbird,
+        /// Firefox, Chromium; needs `certutil` from libnss3-tools), the login keychain on macOS,
+        /// the user's Root store on Windows.
+        #[arg(long)]
+        install: bool,
+    },
 }
 
 /// Runs the command line given by `args` and returns the process exit code.
@@ -143,6 +153,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Csr { out } => csr(&home, out),
         Command::Up { listens } => up(&home, &listens),
         Command::Status => status(&home),
+        Command::Trust { install } => crate::trust::trust(&home, install),
     }
 }
 
@@ -317,16 +328,42 @@ fn up(home: &Home, listens: &[(ServiceName, SocketAddr)]) -> anyhow::Result<()> 
                 .await
                 .map_err(crate::login::explain_failure)?;
         }
-        let agent = Agent::start(&identity, listens, SystemTime::now())
+        let mut agent = Agent::start(&identity, listens, SystemTime::now())
             .await?
             .with_renewal(home.clone(), identity.clone());
+        let imap = identity
+            .services
+            .values()
+            .any(|s| s.protocol == postern_proto::ServiceKind::Imap);
+        if imap {
+            let (tls, made) = home.local_tls(SystemTime::now())?;
+            if made {
+                eprintln!(
+                    "postern: made this device's local CA for mail programs ({}); \
+                     run `postern trust` so that they accept localhost's certificate",
+                    home.local_ca_path().display()
+                );
+            }
+            agent = agent.with_local_tls(&tls)?;
+        }
+        for notice in agent.notices() {
+            eprintln!("postern: {notice}");
+        }
         let shutdown = agent.shutdown_token();
         tokio::spawn(async move {
             signals.recv().await;
             shutdown.cancel();
         });
         for (service, addr) in agent.addresses() {
-            println!("postern: {service} on {addr} -> broker {}", identity.broker);
+            let how = if agent.serves_tls(&service) {
+                " (IMAP over TLS)"
+            } else {
+                ""
+            };
+            println!(
+                "postern: {service} on {addr}{how} -> broker {}",
+                identity.broker
+            );
         }
         agent.run().await;
         Ok(())
@@ -423,7 +460,11 @@ fn status(home: &Home) -> anyhow::Result<()> {
         identity.broker, identity.server_name
     );
     for (service, details) in &identity.services {
-        println!("Service:      {service} on 127.0.0.1:{}", details.port);
+        let how = match details.protocol {
+            postern_proto::ServiceKind::Imap => " (IMAP over TLS; `postern trust` for the CA)",
+            postern_proto::ServiceKind::Tcp => "",
+        };
+        println!("Service:      {service} on 127.0.0.1:{}{how}", details.port);
     }
     println!("Tunnel:       {}", tunnel_state(home));
     Ok(())

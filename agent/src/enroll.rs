@@ -179,7 +179,13 @@ impl Session {
                     let services = welcome
                         .services
                         .iter()
-                        .map(|(name, port)| (name.clone(), BundleService { port: *port }))
+                        .map(|(name, port, protocol)| {
+                            let service = BundleService {
+                                port: *port,
+                                protocol: *protocol,
+                            };
+                            (name.clone(), service)
+                        })
                         .collect();
                     return self.enrolled(issued, request.key_pem, services);
                 }

@@ -1,4 +1,5 @@
-//! The agent's home: its identity and any key waiting for a certificate.
+//! The agent's home: its identity, any key waiting for a certificate, and the local TLS that
+//! mail clients trust.
 //!
 //! `$POSTERN_HOME`, or `postern` in the platform's configuration folder (`~/.config/postern`
 //! on Linux). The folder is 0700 and every file in it 0600 on Unix.
@@ -6,7 +7,11 @@
 use std::path::{Path, PathBuf};
 
 use postern_certs::store::{self, StoreError, WriteMode};
-use postern_certs::{Bundle, BundleError, MAX_BUNDLE_LEN, SecretPem};
+use postern_certs::{Bundle, BundleError, LocalTls, MAX_BUNDLE_LEN, SecretPem};
+
+/// The local TLS certificate is made again this long before it ends.
+pub const LOCAL_TLS_RENEW_BEFORE: std::time::Duration =
+    std::time::Duration::from_secs(30 * 24 * 3600);
 
 /// Longest wait for the identity lock.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
@@ -58,6 +63,9 @@ pub enum HomeError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The local TLS certificate could not be made.
+    #[error("cannot make the local TLS certificate for mail clients: {0}")]
+    LocalTls(String),
     /// The folder could not be created.
     #[error("cannot create `{}`: {source}", path.display())]
     CreateDir {
@@ -178,6 +186,46 @@ impl Home {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(StoreError::Write { path, source }.into()),
         }
+    }
+
+    /// The local CA certificate that mail clients trust (`postern trust`).
+    pub fn local_ca_path(&self) -> PathBuf {
+        self.dir.join("local-ca.pem")
+    }
+
+    /// The local TLS for IMAP services: read, or made when there is none or it ends within
+    /// [`LOCAL_TLS_RENEW_BEFORE`]. The flag says it was made now, and must be trusted (again).
+    pub fn local_tls(&self, now: std::time::SystemTime) -> Result<(LocalTls, bool), HomeError> {
+        let (chain, key) = (
+            self.dir.join("local-server.pem"),
+            self.dir.join("local-server.key"),
+        );
+        let stored = match (
+            std::fs::read_to_string(self.local_ca_path()),
+            std::fs::read_to_string(&chain),
+            key.exists(),
+        ) {
+            (Ok(ca_pem), Ok(chain_pem), true) => Some(LocalTls {
+                ca_pem,
+                chain_pem,
+                key: store::read_private_key(&key)?.0,
+            }),
+            _ => None,
+        };
+        let fresh = |tls: &LocalTls| {
+            tls.not_after()
+                .is_some_and(|end| end > now + LOCAL_TLS_RENEW_BEFORE)
+                && tls.server_config().is_ok()
+        };
+        if let Some(tls) = stored.filter(fresh) {
+            return Ok((tls, false));
+        }
+        self.create()?;
+        let tls = LocalTls::generate(now).map_err(|e| HomeError::LocalTls(e.to_string()))?;
+        store::write_secret(&key, tls.key.expose(), WriteMode::Replace)?;
+        store::write_public(&chain, &tls.chain_pem, WriteMode::Replace)?;
+        store::write_public(&self.local_ca_path(), &tls.ca_pem, WriteMode::Replace)?;
+        Ok((tls, true))
     }
 
     /// The key made by `postern csr`, if one is waiting.

@@ -13,6 +13,7 @@ pub mod home;
 pub mod local;
 pub mod login;
 pub mod renew;
+pub mod trust;
 pub mod tunnel;
 pub mod up;
 

@@ -4,10 +4,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use postern_certs::Bundle;
-use postern_proto::ServiceName;
-use postern_transport::{RelayEnd, relay};
-use tokio::io::AsyncWriteExt;
+use postern_certs::{Bundle, LocalTls};
+use postern_proto::{ServiceKind, ServiceName};
+use postern_transport::{RelayEnd, relay_stream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,9 +20,12 @@ use crate::tunnel::{Tunnel, TunnelError};
 #[derive(Debug)]
 pub struct Agent {
     tunnel: Arc<Tunnel>,
-    listeners: Vec<(ServiceName, TcpListener)>,
+    listeners: Vec<(ServiceName, ServiceKind, TcpListener)>,
     shutdown: CancellationToken,
     renewal: Option<(crate::Home, Bundle)>,
+    /// TLS for IMAP services; without it they are served as plain IMAP on loopback.
+    local_tls: Option<Arc<rustls::ServerConfig>>,
+    notices: Vec<String>,
 }
 
 /// Why the agent could not start.
@@ -52,7 +55,16 @@ pub enum UpError {
     /// QUIC could not be set up.
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
+    /// The local TLS certificate cannot be used.
+    #[error("the local TLS certificate for mail clients is unusable: {0}")]
+    LocalTls(String),
 }
+
+/// Added to a privileged port that cannot be bound, for the fallback: 993 becomes 10993.
+pub const FALLBACK_OFFSET: u16 = 10_000;
+
+/// Time a local mail client has to complete its TLS handshake.
+const LOCAL_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Agent {
     /// Binds a listener for each service of `identity` (on 127.0.0.1 and its port, unless
@@ -89,20 +101,44 @@ impl Agent {
         }
 
         let mut listeners = Vec::new();
+        let mut notices = Vec::new();
         for (service, details) in &identity.services {
-            let addr = overrides.iter().find(|(name, _)| name == service).map_or(
+            let chosen = overrides.iter().find(|(name, _)| name == service);
+            let addr = chosen.map_or(
                 SocketAddr::from((Ipv4Addr::LOCALHOST, details.port)),
                 |(_, addr)| *addr,
             );
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| UpError::Bind {
-                    hint: bind_hint(&source, service, addr),
-                    service: service.clone(),
-                    addr,
-                    source,
-                })?;
-            listeners.push((service.clone(), listener));
+            let bound = match TcpListener::bind(addr).await {
+                Ok(listener) => Ok(listener),
+                // The usual port needs privileges: serve on a fallback port rather than not at
+                // all, and say so.
+                Err(err)
+                    if err.kind() == std::io::ErrorKind::PermissionDenied
+                        && chosen.is_none()
+                        && addr.port() < 1024 =>
+                {
+                    let fallback =
+                        SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port() + FALLBACK_OFFSET));
+                    match TcpListener::bind(fallback).await {
+                        Ok(listener) => {
+                            notices.push(format!(
+                                "cannot listen on {addr} for `{service}` ({err}); serving it on {fallback} instead: point your mail program there.{}",
+                                bind_hint(&err, service, addr)
+                            ));
+                            Ok(listener)
+                        }
+                        Err(_) => Err(err),
+                    }
+                }
+                Err(err) => Err(err),
+            };
+            let listener = bound.map_err(|source| UpError::Bind {
+                hint: bind_hint(&source, service, addr),
+                service: service.clone(),
+                addr,
+                source,
+            })?;
+            listeners.push((service.clone(), details.protocol, listener));
         }
         let tunnel = Arc::new(Tunnel::new(identity, credential)?);
         Ok(Self {
@@ -110,7 +146,32 @@ impl Agent {
             listeners,
             shutdown: CancellationToken::new(),
             renewal: None,
+            local_tls: None,
+            notices,
         })
+    }
+
+    /// What the agent did differently from what was asked, such as a fallback port.
+    pub fn notices(&self) -> &[String] {
+        &self.notices
+    }
+
+    /// Serves IMAP services with TLS, with `tls`'s certificate.
+    pub fn with_local_tls(mut self, tls: &LocalTls) -> Result<Self, UpError> {
+        let config = tls
+            .server_config()
+            .map_err(|e| UpError::LocalTls(e.to_string()))?;
+        self.local_tls = Some(Arc::new(config));
+        Ok(self)
+    }
+
+    /// Whether `service` is served with TLS.
+    pub fn serves_tls(&self, service: &ServiceName) -> bool {
+        self.local_tls.is_some()
+            && self
+                .listeners
+                .iter()
+                .any(|(name, kind, _)| name == service && *kind == ServiceKind::Imap)
     }
 
     /// Renews `identity` (stored in `home`) before its certificate ends, while the agent runs.
@@ -123,7 +184,7 @@ impl Agent {
     pub fn addresses(&self) -> Vec<(ServiceName, SocketAddr)> {
         self.listeners
             .iter()
-            .filter_map(|(service, listener)| {
+            .filter_map(|(service, _, listener)| {
                 listener
                     .local_addr()
                     .ok()
@@ -149,6 +210,8 @@ impl Agent {
             listeners,
             shutdown,
             renewal,
+            local_tls,
+            notices: _,
         } = self;
         let tasks = TaskTracker::new();
         if let Some((home, _)) = &renewal {
@@ -172,9 +235,17 @@ impl Agent {
         let keeper = tunnel.clone();
         let stop = shutdown.clone();
         tasks.spawn(async move { keeper.keep_connected(stop).await });
-        for (service, listener) in listeners {
+        for (service, kind, listener) in listeners {
             let (tunnel, shutdown, sessions) = (tunnel.clone(), shutdown.clone(), tasks.clone());
-            tasks.spawn(accept_loop(service, listener, tunnel, shutdown, sessions));
+            let local = Local {
+                service,
+                imap: kind == ServiceKind::Imap,
+                tls: local_tls
+                    .clone()
+                    .filter(|_| kind == ServiceKind::Imap)
+                    .map(tokio_rustls::TlsAcceptor::from),
+            };
+            tasks.spawn(accept_loop(local, listener, tunnel, shutdown, sessions));
         }
         shutdown.cancelled().await;
         tasks.close();
@@ -295,14 +366,25 @@ fn fresh_socket(current: Option<SocketAddr>) -> std::io::Result<std::net::UdpSoc
     }
 }
 
-async fn accept_loop(
+/// How one service is served locally.
+#[derive(Clone)]
+struct Local {
     service: ServiceName,
+    /// The broker speaks IMAP for it: refusals are told as `* BYE`.
+    imap: bool,
+    /// TLS for local programs.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+async fn accept_loop(
+    local: Local,
     listener: TcpListener,
     tunnel: Arc<Tunnel>,
     shutdown: CancellationToken,
     sessions: TaskTracker,
 ) {
-    let local = listener.local_addr().ok();
+    let bound = listener.local_addr().ok();
+    let service = local.service.clone();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -317,27 +399,27 @@ async fn accept_loop(
             () = shutdown.cancelled() => return,
         };
         let span = info_span!("local", %service, client.addr = %peer);
-        let (tunnel, shutdown, service) = (tunnel.clone(), shutdown.clone(), service.clone());
+        let (tunnel, shutdown, local) = (tunnel.clone(), shutdown.clone(), local.clone());
         sessions.spawn(
-            async move { serve_local(stream, local, peer, &service, &tunnel, &shutdown).await }
+            async move { serve_local(stream, bound, peer, &local, &tunnel, &shutdown).await }
                 .instrument(span),
         );
     }
 }
 
 async fn serve_local(
-    mut stream: TcpStream,
-    local: Option<SocketAddr>,
+    stream: TcpStream,
+    bound: Option<SocketAddr>,
     peer: SocketAddr,
-    service: &ServiceName,
+    local: &Local,
     tunnel: &Tunnel,
     shutdown: &CancellationToken,
 ) {
-    let Some(local) = local.or_else(|| stream.local_addr().ok()) else {
+    let Some(bound) = bound.or_else(|| stream.local_addr().ok()) else {
         warn!("cannot tell which address the connection came in on; refusing it");
         return;
     };
-    match local::same_user(local, peer) {
+    match local::same_user(bound, peer) {
         Ok(Some(true) | None) => {}
         Ok(Some(false)) => {
             warn!(
@@ -352,21 +434,60 @@ async fn serve_local(
     }
     // Without it an interactive protocol can stall on Nagle's algorithm and delayed ACKs.
     let _ = stream.set_nodelay(true);
+    match &local.tls {
+        Some(acceptor) => {
+            let accepted =
+                tokio::time::timeout(LOCAL_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+            match accepted {
+                Ok(Ok(tls)) => forward(tls, local, tunnel, shutdown).await,
+                Ok(Err(err)) => info!(
+                    error = %err,
+                    "a local TLS handshake failed: does the mail program trust this device's local CA? (`postern trust`)"
+                ),
+                Err(_) => info!("a local program did not complete its TLS handshake in time"),
+            }
+        }
+        None => forward(stream, local, tunnel, shutdown).await,
+    }
+}
+
+/// Opens a tunnel stream for a local connection and relays it; a refusal is told in IMAP terms
+/// to an IMAP client.
+async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    local: &Local,
+    tunnel: &Tunnel,
+    shutdown: &CancellationToken,
+) {
+    let service = &local.service;
     let (send, recv) = match tunnel.open(service).await {
         Ok(streams) => streams,
-        Err(TunnelError::Refused(refusal)) => {
-            warn!(code = %refusal.code(), "the broker refused `{service}`: {}", refusal.reason());
-            let _ = stream.shutdown().await;
-            return;
-        }
         Err(err) => {
-            error!("{err}");
+            let reason = match &err {
+                TunnelError::Refused(refusal) => {
+                    warn!(code = %refusal.code(), "the broker refused `{service}`: {}", refusal.reason());
+                    refusal.reason().to_owned()
+                }
+                other => {
+                    error!("{other}");
+                    format!("Postern cannot reach the gateway: {other}")
+                }
+            };
+            if local.imap {
+                let line: String = reason
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .collect();
+                let _ = stream
+                    .write_all(format!("* BYE [UNAVAILABLE] {line}\r\n").as_bytes())
+                    .await;
+            }
             let _ = stream.shutdown().await;
             return;
         }
     };
     debug!("tunnel open");
-    let relayed = relay(send, recv, stream, shutdown).await;
+    let relayed = relay_stream(send, recv, stream, shutdown).await;
     match relayed.end {
         RelayEnd::Closed | RelayEnd::Cancelled => {
             debug!(
@@ -388,9 +509,13 @@ fn bind_hint(error: &std::io::Error, service: &ServiceName, addr: SocketAddr) ->
     let elsewhere = format!("use another port with `--listen {service}=127.0.0.1:PORT`");
     match error.kind() {
         std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
-            "\nPorts below 1024 need privileges. Either {elsewhere}, or allow it once with \
-             `sudo setcap cap_net_bind_service=+ep $(command -v postern)` (Linux), or lower \
-             `net.ipv4.ip_unprivileged_port_start` with sysctl."
+            "\nPorts below 1024 need privileges. To allow {port}, once: on Linux \
+             `sudo setcap cap_net_bind_service=+ep $(command -v postern)` (again after each \
+             upgrade), or `sudo sysctl net.ipv4.ip_unprivileged_port_start={port}` (kept across \
+             reboots in /etc/sysctl.d/), or a systemd service with \
+             `AmbientCapabilities=CAP_NET_BIND_SERVICE`; on macOS, run it as a launchd daemon. \
+             Or {elsewhere}. docs/imap.md explains each.",
+            port = addr.port()
         ),
         std::io::ErrorKind::AddrInUse => {
             format!("\nAnother program uses this port: stop it, or {elsewhere}.")

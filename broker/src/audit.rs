@@ -154,6 +154,18 @@ pub enum Event<'a> {
         /// What made the broker ask again: `change` or `timer`.
         trigger: &'static str,
     },
+    /// A step of an IMAP session the broker checks: a login and its outcome, or a command it
+    /// refused after login.
+    Imap {
+        /// The request that opened the session.
+        connect: Connect<'a>,
+        /// What happened.
+        step: ImapStep,
+        /// The canonical login name, when the step has one.
+        mailbox: Option<&'a str>,
+        /// Why, for people.
+        reason: Option<&'a str>,
+    },
     /// Policies, entities or revocations changed and the new version is in force.
     PolicyReload {
         /// The new generation.
@@ -198,6 +210,22 @@ pub enum Event<'a> {
         /// Whether the key was made by the broker (`false`: from a signing request).
         key_generated: bool,
     },
+}
+
+/// What an [`Event::Imap`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImapStep {
+    /// Policy allowed the login and the server accepted the password.
+    LoginAllow,
+    /// The broker refused the login before it reached the server: policy, a login name it
+    /// cannot check, or an authorization identity.
+    LoginDeny,
+    /// The server refused the password.
+    LoginFail,
+    /// The person or address is locked out after failed logins.
+    LoginLockout,
+    /// A command that would undo the login binding ended the session.
+    CommandRefuse,
 }
 
 /// A stream's request for a service, as audited.
@@ -455,6 +483,19 @@ impl Audit {
                 );
                 fields
             }
+            Event::Imap {
+                connect,
+                step: _,
+                mailbox,
+                reason,
+            } => {
+                let mut fields = connect_fields(connect);
+                merge(&mut fields, json!({ "postern": { "mailbox": mailbox } }));
+                if let Some(reason) = reason {
+                    merge(&mut fields, json!({ "event": { "reason": reason } }));
+                }
+                fields
+            }
             Event::PolicyReload {
                 generation,
                 policies,
@@ -649,6 +690,13 @@ impl Event<'_> {
             Event::ConnectDeny { .. } => "connect.deny",
             Event::SessionClose { .. } => "session.close",
             Event::SessionDeny { .. } => "session.deny",
+            Event::Imap { step, .. } => match step {
+                ImapStep::LoginAllow => "imap_login.allow",
+                ImapStep::LoginDeny => "imap_login.deny",
+                ImapStep::LoginFail => "imap_login.fail",
+                ImapStep::LoginLockout => "imap_login.lockout",
+                ImapStep::CommandRefuse => "imap.refuse",
+            },
             Event::PolicyReload { .. } => "policy.reload",
             Event::PolicyReject { .. } => "policy.reject",
             Event::Revocation { added: true, .. } => "revocation.add",
@@ -675,6 +723,7 @@ impl Event<'_> {
             Event::PolicyReload { .. } | Event::PolicyReject { .. } => &["configuration"],
             Event::Revocation { .. } => &["iam"],
             Event::Login(_) => &["authentication", "iam"],
+            Event::Imap { .. } => &["authentication", "network"],
             _ => &["network"],
         }
     }
@@ -686,6 +735,7 @@ impl Event<'_> {
             | Event::SessionDeny { .. }
             | Event::PolicyReject { .. } => "failure",
             Event::Login(login) if !login.allowed => "failure",
+            Event::Imap { step, .. } if *step != ImapStep::LoginAllow => "failure",
             _ => "success",
         }
     }

@@ -44,9 +44,16 @@ enum Command {
         #[arg(long, default_value = config::DEFAULT_LISTEN)]
         listen: String,
         /// A service agents may reach, as NAME=HOST:PORT (repeat for several), such as
-        /// `imap=mail.internal:993`.
+        /// `imap=mail.internal:993`. Port 993 (or `imaps://HOST:PORT`) makes an IMAP service
+        /// with implicit TLS, port 143 (or `imap://HOST:PORT`) one with STARTTLS: the broker then
+        /// checks each mail login against policy (docs/imap.md). Other ports are forwarded as
+        /// they are.
         #[arg(long = "service", value_name = "NAME=HOST:PORT", required = true)]
         services: Vec<String>,
+        /// CA certificate(s) of the mail server's TLS, when it is not publicly trusted; copied
+        /// to pki/mail-ca.pem for the IMAP services.
+        #[arg(long, value_name = "FILE")]
+        mail_ca: Option<PathBuf>,
         /// Issuer URL of the OpenID provider people log in at, such as
         /// `https://idp.example.org/realms/acme`. Without it, only `issue` makes certificates.
         #[arg(long, requires = "client_id")]
@@ -207,6 +214,7 @@ fn run(command: Command) -> Result<(), Failure> {
             client_secret_file,
             scopes,
             idp_ca,
+            mail_ca,
         } => {
             let absolute = |file: Option<PathBuf>| {
                 file.map(|file| {
@@ -233,6 +241,7 @@ fn run(command: Command) -> Result<(), Failure> {
                 hostname,
                 listen,
                 services,
+                mail_ca,
                 oidc,
             };
             let config_path = init(&options, SystemTime::now()).map_err(config_failure)?;

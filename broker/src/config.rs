@@ -49,6 +49,18 @@ pub const MAX_DEVICE_CODE_LIFETIME: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_RECHECK_INTERVAL: Duration = Duration::from_secs(60);
 /// Largest `policy.recheck_interval` accepted: rules about time must be looked at daily at least.
 pub const MAX_RECHECK_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// Default `imap.login_timeout`: time from a mail client's connection to a successful login.
+pub const DEFAULT_IMAP_LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `imap.lockout_failures`: failed logins of one person that lock them out.
+pub const DEFAULT_LOCKOUT_FAILURES: u32 = 5;
+/// Default `imap.lockout_source_failures`: failed logins from one address that lock it out.
+pub const DEFAULT_LOCKOUT_SOURCE_FAILURES: u32 = 50;
+/// Default `imap.lockout_window`: how far back failed logins count.
+pub const DEFAULT_LOCKOUT_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// Default `imap.lockout_duration`: the first lockout; each further one doubles.
+pub const DEFAULT_LOCKOUT_DURATION: Duration = Duration::from_secs(60);
+/// Default `imap.lockout_max_duration`: the longest lockout.
+pub const DEFAULT_LOCKOUT_MAX_DURATION: Duration = Duration::from_secs(3600);
 /// Largest `pki.max_clock_skew` accepted: more would keep expired certificates working.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(10 * 60);
 /// Largest `pki.max_cert_lifetime` accepted: certificates are meant to be short-lived.
@@ -83,6 +95,21 @@ pub struct Config {
     pub oidc: Option<Oidc>,
     /// Certificates from logins and renewals.
     pub login: LoginConfig,
+    /// Login binding and lockout for `protocol = "imap"` services.
+    pub imap: ImapSettings,
+}
+
+/// The `[imap]` settings: what applies to every IMAP service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImapSettings {
+    /// Time from a mail client's connection to a successful login. Default: 60 s.
+    pub login_timeout: Duration,
+    /// Lockout of one person (all their devices): 5 failures in 15 min lock for 1 min, doubling
+    /// up to 1 h.
+    pub user_lockout: postern_imap::lockout::Rules,
+    /// Lockout of one source address: the same with 50 failures, so that one office behind NAT
+    /// is not locked out by one person.
+    pub source_lockout: postern_imap::lockout::Rules,
 }
 
 /// The `[policy]` settings beside the folder.
@@ -181,7 +208,7 @@ pub struct ServiceConfig {
     pub host: String,
     /// Port the broker connects to.
     pub port: u16,
-    /// How the broker treats the bytes. Only `tcp` (opaque) exists so far.
+    /// How the broker treats the bytes.
     pub protocol: Protocol,
     /// Port the agent listens on locally by default.
     pub local_port: u16,
@@ -190,10 +217,39 @@ pub struct ServiceConfig {
 }
 
 /// How a service's bytes are handled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Protocol {
     /// Bytes are forwarded as they are.
     Tcp,
+    /// IMAP: the broker checks the login, then forwards (docs/imap.md).
+    Imap(ImapService),
+}
+
+/// How the broker reaches an IMAP server and reads its login names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImapService {
+    /// TLS to the server. Default: implicit.
+    pub tls: UpstreamTls,
+    /// CA certificates that sign the server's certificate; the public roots when absent.
+    pub ca_file: Option<PathBuf>,
+    /// The name the server's certificate must carry. Default: the host of `address`.
+    pub server_name: String,
+    /// How the server reads login names.
+    pub login: postern_imap::login::Rules,
+    /// Tell the server the person's address with `ID` (for its logs and failed-login delays),
+    /// when it offers `ID`. Default: true.
+    pub forward_client_address: bool,
+}
+
+/// TLS between the broker and an IMAP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamTls {
+    /// TLS from the first byte (port 993).
+    Implicit,
+    /// Plain IMAP upgraded with `STARTTLS` before anything else (port 143).
+    StartTls,
+    /// No TLS: only when the configuration says `tls = "none"`.
+    None,
 }
 
 /// Why a configuration is unusable.
@@ -245,6 +301,28 @@ struct RawConfig {
     oidc: Option<RawOidc>,
     #[serde(default)]
     login: RawLogin,
+    #[serde(default)]
+    imap: RawImap,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawImap {
+    login_timeout: Option<String>,
+    lockout_failures: Option<u32>,
+    lockout_source_failures: Option<u32>,
+    lockout_window: Option<String>,
+    lockout_duration: Option<String>,
+    lockout_max_duration: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawImapLogin {
+    lowercase: Option<bool>,
+    domain: Option<String>,
+    domain_form: Option<String>,
+    allow_characters: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -327,6 +405,11 @@ struct RawService {
     address: String,
     protocol: Option<String>,
     local_port: Option<u16>,
+    tls: Option<String>,
+    ca_file: Option<PathBuf>,
+    server_name: Option<String>,
+    forward_client_address: Option<bool>,
+    login: Option<RawImapLogin>,
     #[serde(default)]
     tags: Vec<String>,
 }
@@ -530,11 +613,34 @@ impl Config {
             let (host, port) =
                 split_host_port(&service.address).map_err(|m| invalid(&key(".address"), m))?;
             let protocol = match service.protocol.as_deref().unwrap_or("tcp") {
-                "tcp" => Protocol::Tcp,
+                "tcp" => {
+                    let imap_only = [
+                        (service.tls.is_some(), ".tls"),
+                        (service.ca_file.is_some(), ".ca_file"),
+                        (service.server_name.is_some(), ".server_name"),
+                        (service.login.is_some(), ".login"),
+                        (
+                            service.forward_client_address.is_some(),
+                            ".forward_client_address",
+                        ),
+                    ];
+                    if let Some((_, field)) = imap_only.iter().find(|(set, _)| *set) {
+                        return Err(invalid(
+                            &key(field),
+                            "applies to `protocol = \"imap\"` only; a \"tcp\" service forwards bytes as they are".into(),
+                        ));
+                    }
+                    Protocol::Tcp
+                }
+                "imap" => {
+                    Protocol::Imap(imap_service(&service, &host, base, &|field, message| {
+                        invalid(&key(field), message)
+                    })?)
+                }
                 other => {
                     return Err(invalid(
                         &key(".protocol"),
-                        format!("`{other}` is not a known protocol (known: \"tcp\")"),
+                        format!("`{other}` is not a known protocol (known: \"tcp\", \"imap\")"),
                     ));
                 }
             };
@@ -654,6 +760,55 @@ impl Config {
             max_pending_per_source,
         };
 
+        let lockout = |failures_key: &str, failures: Option<u32>, default: u32| {
+            let threshold = failures.unwrap_or(default);
+            if threshold == 0 {
+                return Err(invalid(failures_key, "must be at least 1".into()));
+            }
+            let rules = postern_imap::lockout::Rules {
+                threshold,
+                window: duration(
+                    "imap.lockout_window",
+                    raw.imap.lockout_window.as_deref(),
+                    DEFAULT_LOCKOUT_WINDOW,
+                )?,
+                lock: duration(
+                    "imap.lockout_duration",
+                    raw.imap.lockout_duration.as_deref(),
+                    DEFAULT_LOCKOUT_DURATION,
+                )?,
+                max_lock: duration(
+                    "imap.lockout_max_duration",
+                    raw.imap.lockout_max_duration.as_deref(),
+                    DEFAULT_LOCKOUT_MAX_DURATION,
+                )?,
+            };
+            if rules.max_lock < rules.lock {
+                return Err(invalid(
+                    "imap.lockout_max_duration",
+                    "must be at least `imap.lockout_duration`".into(),
+                ));
+            }
+            Ok(rules)
+        };
+        let imap = ImapSettings {
+            login_timeout: duration(
+                "imap.login_timeout",
+                raw.imap.login_timeout.as_deref(),
+                DEFAULT_IMAP_LOGIN_TIMEOUT,
+            )?,
+            user_lockout: lockout(
+                "imap.lockout_failures",
+                raw.imap.lockout_failures,
+                DEFAULT_LOCKOUT_FAILURES,
+            )?,
+            source_lockout: lockout(
+                "imap.lockout_source_failures",
+                raw.imap.lockout_source_failures,
+                DEFAULT_LOCKOUT_SOURCE_FAILURES,
+            )?,
+        };
+
         Ok(Config {
             path: path.to_owned(),
             hostname,
@@ -668,8 +823,104 @@ impl Config {
             services,
             oidc,
             login,
+            imap,
         })
     }
+}
+
+/// The IMAP settings of one service; `invalid` names the field.
+fn imap_service(
+    service: &RawService,
+    host: &str,
+    base: &Path,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<ImapService, ConfigError> {
+    use postern_imap::login::{DomainForm, Rules};
+    let tls = match service.tls.as_deref().unwrap_or("implicit") {
+        "implicit" => UpstreamTls::Implicit,
+        "starttls" => UpstreamTls::StartTls,
+        "none" => UpstreamTls::None,
+        other => {
+            return Err(invalid(
+                ".tls",
+                format!(
+                    "`{other}` is not one of \"implicit\" (port 993), \"starttls\" (port 143) or \"none\""
+                ),
+            ));
+        }
+    };
+    let server_name = service
+        .server_name
+        .clone()
+        .unwrap_or_else(|| host.to_owned());
+    if rustls_pki_types::ServerName::try_from(server_name.as_str()).is_err() {
+        return Err(invalid(
+            ".server_name",
+            format!("`{server_name}` is not a DNS name or IP address a certificate can carry"),
+        ));
+    }
+    let raw = service.login.as_ref();
+    let domain_form = match raw
+        .and_then(|l| l.domain_form.as_deref())
+        .unwrap_or("address")
+    {
+        "address" => DomainForm::Address,
+        "local" => DomainForm::Local,
+        other => {
+            return Err(invalid(
+                ".login.domain_form",
+                format!(
+                    "`{other}` is not \"address\" (the server logs in `name@domain`) or \"local\" (it logs in `name`)"
+                ),
+            ));
+        }
+    };
+    let domain = match raw.and_then(|l| l.domain.clone()) {
+        Some(domain) => {
+            let valid = !domain.is_empty()
+                && domain.len() <= 253
+                && domain
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+            if !valid {
+                return Err(invalid(
+                    ".login.domain",
+                    format!("`{domain}` is not a mail domain such as \"example.org\""),
+                ));
+            }
+            Some((domain.to_ascii_lowercase(), domain_form))
+        }
+        None if raw.is_some_and(|l| l.domain_form.is_some()) => {
+            return Err(invalid(
+                ".login.domain_form",
+                "needs `login.domain`, the server's default domain".into(),
+            ));
+        }
+        None => None,
+    };
+    let extra = raw
+        .and_then(|l| l.allow_characters.clone())
+        .unwrap_or_default();
+    if let Some(bad) = extra
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || matches!(c, '"' | '\\' | '(' | ')' | '{' | '}'))
+    {
+        return Err(invalid(
+            ".login.allow_characters",
+            format!("cannot allow {bad:?}: it is not a character IMAP can carry in a login name"),
+        ));
+    }
+    Ok(ImapService {
+        tls,
+        ca_file: service.ca_file.as_ref().map(|f| base.join(f)),
+        server_name,
+        forward_client_address: service.forward_client_address.unwrap_or(true),
+        login: Rules {
+            lowercase: raw.and_then(|l| l.lowercase).unwrap_or(true),
+            domain,
+            extra,
+        },
+    })
 }
 
 /// An issuer is an `https` URL without query, fragment or user info (plain `http` only on
@@ -710,11 +961,22 @@ pub fn check_idp_url(text: &str) -> Result<(), String> {
     }
 }
 
+impl ServiceConfig {
+    /// How agents serve it locally.
+    pub fn kind(&self) -> postern_proto::ServiceKind {
+        match self.protocol {
+            Protocol::Tcp => postern_proto::ServiceKind::Tcp,
+            Protocol::Imap(_) => postern_proto::ServiceKind::Imap,
+        }
+    }
+}
+
 impl Protocol {
     /// The name used in configuration and policy.
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
+            Protocol::Imap(_) => "imap",
         }
     }
 }
@@ -770,7 +1032,7 @@ pub struct OidcTemplate {
 pub fn template(
     hostname: &str,
     listen: &str,
-    services: &[(ServiceName, String, u16)],
+    services: &[ServiceTemplate],
     oidc: Option<&OidcTemplate>,
 ) -> String {
     let mut text = format!(
@@ -919,23 +1181,151 @@ client_ca_key = "pki/client-ca.key"
             ));
         }
     }
-    for (name, address, port) in services {
+    let mut any_imap = false;
+    for service in services {
+        let ServiceTemplate {
+            name,
+            address,
+            imap,
+            ca_file,
+        } = service;
+        let port = split_host_port(address).map_or(0, |(_, port)| port);
+        let protocol = match imap {
+            Some(tls) => {
+                any_imap = true;
+                let tls = match tls {
+                    UpstreamTls::Implicit => "implicit",
+                    UpstreamTls::StartTls => "starttls",
+                    UpstreamTls::None => "none",
+                };
+                let ca_file = match ca_file {
+                    Some(file) => format!("ca_file = {file:?}"),
+                    None => "# ca_file = \"pki/mail-ca.pem\"".to_owned(),
+                };
+                format!(
+                    r#"# How bytes are handled: "imap" checks each login against policy before the password
+# reaches the mail server (docs/imap.md); "tcp" forwards bytes unchanged.
+protocol = "imap"
+# TLS to the mail server: "implicit" (993), "starttls" (143), or "none". Default: "implicit".
+tls = "{tls}"
+# CA certificates that sign the mail server's certificate. Default: the public roots.
+{ca_file}
+# The name the mail server's certificate carries. Default: the host of `address`.
+# server_name = "mail.internal"
+# Tell the mail server each person's address with IMAP ID (put the broker in Dovecot's
+# login_trusted_networks). Default: true.
+# forward_client_address = true"#
+                )
+            }
+            None => r#"# How bytes are handled: "tcp" forwards them unchanged; "imap" binds each mail login to
+# the person (docs/imap.md). Default: "tcp".
+# protocol = "tcp""#
+                .to_owned(),
+        };
         text.push_str(&format!(
             r#"
 # The broker connects only to the services listed here, never to an address an agent names.
 [services.{name}]
 # HOST:PORT the broker connects to.
 address = "{address}"
-# How bytes are handled: "tcp" forwards them unchanged. Default: "tcp".
-# protocol = "tcp"
+{protocol}
 # Port the agent listens on, on the loopback address, by default. Default: the port of `address`.
 # local_port = {port}
 # Free-form tags that policies can test as `resource.tags`. Default: [].
 # tags = []
 "#
         ));
+        if imap.is_some() {
+            text.push_str(&format!(
+                r#"
+# How the mail server reads login names: the broker checks and sends this form.
+[services.{name}.login]
+# The server lowercases names (Dovecot's %Lu). Default: true.
+# lowercase = true
+# The server's default domain, and whether it logs in "address" (alice@example.org) or
+# "local" (alice). Default: none; names are used as written.
+# domain = "example.org"
+# domain_form = "address"
+# Characters allowed beyond a-z A-Z 0-9 . - _ @; separators such as * % + stay refused.
+# Default: "".
+# allow_characters = ""
+"#
+            ));
+        }
+    }
+    if any_imap {
+        text.push_str(&format!(
+            r#"
+# Login binding and lockout for every IMAP service.
+[imap]
+# Time from a mail client's connection to a successful login. Default: "{login}".
+# login_timeout = "{login}"
+# Failed logins of one person (all devices) within lockout_window that lock them out, and of one
+# source address (higher: an office behind NAT). Defaults: {failures}, {source_failures}.
+# lockout_failures = {failures}
+# lockout_source_failures = {source_failures}
+# How far back failures count. Default: "{window}".
+# lockout_window = "{window}"
+# The first lockout, doubled by each further one up to the maximum. Defaults: "{lock}", "{max}".
+# lockout_duration = "{lock}"
+# lockout_max_duration = "{max}"
+"#,
+            login = humantime::format_duration(DEFAULT_IMAP_LOGIN_TIMEOUT),
+            failures = DEFAULT_LOCKOUT_FAILURES,
+            source_failures = DEFAULT_LOCKOUT_SOURCE_FAILURES,
+            window = humantime::format_duration(DEFAULT_LOCKOUT_WINDOW),
+            lock = humantime::format_duration(DEFAULT_LOCKOUT_DURATION),
+            max = humantime::format_duration(DEFAULT_LOCKOUT_MAX_DURATION),
+        ));
     }
     text
+}
+
+/// A service as `init` writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceTemplate {
+    /// Its name.
+    pub name: ServiceName,
+    /// `HOST:PORT` of the server.
+    pub address: String,
+    /// For an IMAP service, the TLS to its server.
+    pub imap: Option<UpstreamTls>,
+    /// For an IMAP service, the CA file of its server, relative to the configuration.
+    pub ca_file: Option<String>,
+}
+
+impl ServiceTemplate {
+    /// Reads `NAME=HOST:PORT`, `NAME=imaps://HOST:PORT` (IMAP, implicit TLS) or
+    /// `NAME=imap://HOST:PORT` (IMAP, STARTTLS). A bare address on port 993 or 143 is IMAP too.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let (name, target) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("`{spec}` is not NAME=HOST:PORT"))?;
+        let name = ServiceName::new(name).map_err(|e| format!("`{spec}`: {e}"))?;
+        let (address, imap) = if let Some(rest) = target.strip_prefix("imaps://") {
+            (rest, Some(UpstreamTls::Implicit))
+        } else if let Some(rest) = target.strip_prefix("imap://") {
+            (rest, Some(UpstreamTls::StartTls))
+        } else if target.contains("://") {
+            return Err(format!(
+                "`{spec}`: only imaps:// and imap:// are known; or give HOST:PORT"
+            ));
+        } else {
+            (target, None)
+        };
+        let (_, port) = split_host_port(address).map_err(|e| format!("`{spec}`: {e}"))?;
+        let imap = imap.or(match port {
+            993 => Some(UpstreamTls::Implicit),
+            143 => Some(UpstreamTls::StartTls),
+            _ => None,
+        });
+        Ok(Self {
+            name,
+            address: address.to_owned(),
+            imap,
+            ca_file: None,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -950,13 +1340,64 @@ mod tests {
         template(
             "gw.example.org",
             "[::]:4433",
-            &[(
-                ServiceName::new("imap").unwrap(),
-                "mail.internal:993".into(),
-                993,
-            )],
+            &[ServiceTemplate::parse("imap=mail.internal:993").unwrap()],
             None,
         )
+    }
+
+    #[test]
+    fn imap_services_are_read_with_their_login_rules() {
+        let text = sample()
+            .replace("# domain = \"example.org\"", "domain = \"Example.ORG\"")
+            .replace("# domain_form = \"address\"", "domain_form = \"local\"")
+            .replace("# lockout_failures = 5", "lockout_failures = 3");
+        let config = parse(&text).unwrap();
+        let service = &config.services[&ServiceName::new("imap").unwrap()];
+        let Protocol::Imap(imap) = &service.protocol else {
+            panic!("port 993 makes an IMAP service: {:?}", service.protocol);
+        };
+        assert_eq!(imap.tls, UpstreamTls::Implicit);
+        assert_eq!(imap.server_name, "mail.internal");
+        assert!(imap.forward_client_address);
+        assert_eq!(
+            imap.login.domain,
+            Some(("example.org".into(), postern_imap::login::DomainForm::Local))
+        );
+        assert_eq!(config.imap.user_lockout.threshold, 3);
+        assert_eq!(
+            config.imap.source_lockout.threshold,
+            DEFAULT_LOCKOUT_SOURCE_FAILURES
+        );
+        assert_eq!(service.kind(), postern_proto::ServiceKind::Imap);
+
+        // IMAP settings on a TCP service are a mistake, not something to ignore.
+        let tcp = text.replace("protocol = \"imap\"", "protocol = \"tcp\"");
+        let err = parse(&tcp).unwrap_err().to_string();
+        assert!(err.contains("`services.imap.tls`"), "{err}");
+    }
+
+    #[test]
+    fn init_reads_imap_services_from_their_scheme_or_port() {
+        let parsed = |spec: &str| ServiceTemplate::parse(spec).map(|s| (s.address, s.imap));
+        assert_eq!(
+            parsed("imap=mail:993"),
+            Ok(("mail:993".into(), Some(UpstreamTls::Implicit)))
+        );
+        assert_eq!(
+            parsed("imap=mail:143"),
+            Ok(("mail:143".into(), Some(UpstreamTls::StartTls)))
+        );
+        assert_eq!(
+            parsed("mail=imaps://mail:10993"),
+            Ok(("mail:10993".into(), Some(UpstreamTls::Implicit)))
+        );
+        assert_eq!(
+            parsed("mail=imap://mail:1143"),
+            Ok(("mail:1143".into(), Some(UpstreamTls::StartTls)))
+        );
+        assert_eq!(parsed("git=git:22"), Ok(("git:22".into(), None)));
+        assert!(parsed("x=smtp://mail:25").is_err());
+        assert!(parsed("x").is_err());
     }
 
     #[test]
@@ -1025,9 +1466,34 @@ mod tests {
                 "`services.imap.address`",
             ),
             (
-                "# protocol = \"tcp\"",
+                "protocol = \"imap\"",
                 "protocol = \"smtp\"",
                 "`services.imap.protocol`",
+            ),
+            (
+                "tls = \"implicit\"",
+                "tls = \"sometimes\"",
+                "`services.imap.tls`",
+            ),
+            (
+                "# domain_form = \"address\"",
+                "domain_form = \"local\"",
+                "`services.imap.login.domain_form`",
+            ),
+            (
+                "# allow_characters = \"\"",
+                "allow_characters = \"\\\"\"",
+                "`services.imap.login.allow_characters`",
+            ),
+            (
+                "# lockout_failures = 5",
+                "lockout_failures = 0",
+                "`imap.lockout_failures`",
+            ),
+            (
+                "# lockout_max_duration = \"1h\"",
+                "lockout_max_duration = \"1s\"",
+                "`imap.lockout_max_duration`",
             ),
             (
                 "# shutdown_grace = \"30s\"",
@@ -1054,7 +1520,7 @@ mod tests {
                 "address = \"mail\\\"x:993\"",
                 "is not a DNS name or IP address",
             ),
-            ("[services.imap]", "[services.IMAP]", "`services.IMAP`"),
+            ("[services.imap", "[services.IMAP", "`services.IMAP`"),
             (
                 "hostname = \"gw.example.org\"",
                 "hostname = \"gw example\"",

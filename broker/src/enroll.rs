@@ -311,7 +311,7 @@ async fn stream(
                     .config
                     .services
                     .iter()
-                    .map(|(name, service)| (name.clone(), service.local_port))
+                    .map(|(name, service)| (name.clone(), service.local_port, service.kind()))
                     .collect(),
             };
             let _ = write_frame(&mut send, &Reply::Welcome(welcome)).await;

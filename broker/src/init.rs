@@ -6,9 +6,11 @@ use std::time::{Duration, SystemTime};
 
 use postern_certs::store::{WriteMode, write_public, write_secret};
 use postern_certs::{ClientCa, ServerCa};
-use postern_proto::ServiceName;
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, ServiceTemplate};
+
+/// Where `--mail-ca` is copied, relative to the broker folder.
+const MAIL_CA: &str = "pki/mail-ca.pem";
 
 /// Lifetime of the CAs `init` creates.
 pub const CA_LIFETIME: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
@@ -27,8 +29,10 @@ pub struct InitOptions {
     pub hostname: String,
     /// UDP address to listen on.
     pub listen: String,
-    /// Services as `NAME=HOST:PORT`.
+    /// Services as `NAME=HOST:PORT`, `NAME=imaps://HOST:PORT` or `NAME=imap://HOST:PORT`.
     pub services: Vec<String>,
+    /// CA certificate(s) of the IMAP services' mail server, copied to `pki/mail-ca.pem`.
+    pub mail_ca: Option<PathBuf>,
     /// The identity provider, when people will log in with `postern login`.
     pub oidc: Option<crate::config::OidcTemplate>,
 }
@@ -78,22 +82,35 @@ pub fn init(options: &InitOptions, now: SystemTime) -> Result<PathBuf, InitError
     if options.services.is_empty() {
         return Err(InitError::Invalid("name at least one --service NAME=HOST:PORT, such as `--service imap=mail.internal:993`".into()));
     }
-    let mut services: Vec<(ServiceName, String, u16)> = Vec::new();
+    let mut services: Vec<ServiceTemplate> = Vec::new();
     for spec in &options.services {
-        let (name, address) = spec.split_once('=').ok_or_else(|| {
-            InitError::Invalid(format!("--service `{spec}` is not NAME=HOST:PORT"))
-        })?;
-        let name = ServiceName::new(name)
-            .map_err(|e| InitError::Invalid(format!("--service `{spec}`: {e}")))?;
-        let (_, port) = config::split_host_port(address)
-            .map_err(|e| InitError::Invalid(format!("--service `{spec}`: {e}")))?;
-        if services.iter().any(|(n, _, _)| *n == name) {
+        let mut service = ServiceTemplate::parse(spec)
+            .map_err(|e| InitError::Invalid(format!("--service {e}")))?;
+        if services.iter().any(|s| s.name == service.name) {
             return Err(InitError::Invalid(format!(
-                "--service `{name}` is given twice"
+                "--service `{}` is given twice",
+                service.name
             )));
         }
-        services.push((name, address.to_owned(), port));
+        if service.imap.is_some() && options.mail_ca.is_some() {
+            service.ca_file = Some(MAIL_CA.to_owned());
+        }
+        services.push(service);
     }
+    let mail_ca = match &options.mail_ca {
+        Some(file) => {
+            let text = fs::read_to_string(file)
+                .map_err(|e| InitError::Invalid(format!("--mail-ca `{}`: {e}", file.display())))?;
+            if postern_certs::store::read_certificates(file).is_err() {
+                return Err(InitError::Invalid(format!(
+                    "--mail-ca `{}` holds no PEM certificate",
+                    file.display()
+                )));
+            }
+            Some(text)
+        }
+        None => None,
+    };
 
     let dir = &options.dir;
     let config_path = dir.join("broker.toml");
@@ -105,6 +122,9 @@ pub fn init(options: &InitOptions, now: SystemTime) -> Result<PathBuf, InitError
     create_dir(dir, 0o755)?;
     let pki = dir.join("pki");
     create_dir(&pki, 0o700)?;
+    if let Some(text) = &mail_ca {
+        write_public(&dir.join(MAIL_CA), text, WriteMode::CreateNew)?;
+    }
     create_dir(&dir.join("policies"), 0o755)?;
 
     let generate = |e: &dyn std::fmt::Display| InitError::Generate(e.to_string());

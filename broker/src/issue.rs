@@ -166,7 +166,13 @@ pub fn issue(
         services: config
             .services
             .iter()
-            .map(|(name, s)| (name.clone(), BundleService { port: s.local_port }))
+            .map(|(name, s)| {
+                let service = BundleService {
+                    port: s.local_port,
+                    protocol: s.kind(),
+                };
+                (name.clone(), service)
+            })
             .collect(),
         login: None,
     };

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod enroll;
 pub mod id_token;
+mod imap;
 pub mod init;
 pub mod issue;
 mod metrics;

@@ -10,6 +10,7 @@ use postern_certs::store::{self, StoreError};
 use postern_certs::{
     CaError, ClientCa, ClientVerifier, Role, VerifiedClient, VerifyLimits, connection_role,
 };
+use postern_imap::login::Canonical;
 use postern_policy::{
     Action, Authentication, Certificate, Decision, LoadError, Policies, Principal, Request,
 };
@@ -29,7 +30,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::audit::{Audit, Connect, Event};
 use crate::authz::{Authority, Denial, Live, Snapshot};
-use crate::config::{Config, ServiceConfig};
+use crate::config::{Config, Protocol, ServiceConfig};
 use crate::enroll::Enrollment;
 use crate::revoke::{Revocations, RevocationsError};
 
@@ -132,12 +133,16 @@ pub(crate) struct Shared {
     /// Connections to services being made, against `limits.max_pending_connects`.
     connect_slots: tokio::sync::Semaphore,
     handshakes: AtomicUsize,
+    /// Lockout counters of IMAP logins.
+    imap: crate::imap::Gate,
 }
 
 #[derive(Debug)]
 struct Service {
     config: ServiceConfig,
     policy: postern_policy::Service,
+    /// TLS to an IMAP server.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A verified tunnel connection, shared by its streams.
@@ -258,6 +263,7 @@ impl Broker {
             })
             .transpose()?;
         let pending_connects = config.limits.max_pending_connects;
+        let imap_settings = config.imap;
         let shared = Shared {
             config,
             verifier,
@@ -273,6 +279,7 @@ impl Broker {
             per_user: std::sync::Mutex::new(std::collections::HashMap::new()),
             connect_slots: tokio::sync::Semaphore::new(pending_connects),
             handshakes: AtomicUsize::new(0),
+            imap: crate::imap::Gate::new(imap_settings),
         };
         Ok(Self {
             endpoint,
@@ -499,15 +506,24 @@ impl Loaded {
                     protocol: service.protocol.as_str().to_owned(),
                     tags: service.tags.clone(),
                 };
-                (
+                let tls = match &service.protocol {
+                    crate::config::Protocol::Imap(imap) => crate::imap::client_config(imap)
+                        .map_err(|message| StartError::BadPki {
+                            path: imap.ca_file.clone().unwrap_or_else(|| config.path.clone()),
+                            message: format!("TLS to the mail server of `{name}`: {message}"),
+                        })?,
+                    crate::config::Protocol::Tcp => None,
+                };
+                Ok((
                     name.clone(),
                     Service {
                         config: service.clone(),
                         policy,
+                        tls,
                     },
-                )
+                ))
             })
-            .collect();
+            .collect::<Result<_, StartError>>()?;
         Ok(Self {
             server_config,
             verifier,
@@ -756,20 +772,28 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
                 return refuse(&shared, peer.connect(session, source, name, None), &mut send, code, reason).await;
             }
         };
+        // The mailbox an IMAP session logged in to: re-checks ask about it too, so such a
+        // session's question is its own.
+        let mailbox = Arc::new(std::sync::OnceLock::<Canonical>::new());
+        let question = match service.config.protocol {
+            Protocol::Imap(_) => format!("{name}#{session}"),
+            Protocol::Tcp => name.to_owned(),
+        };
         // Registered before the decision: a reload from here on re-checks this session.
         let live = Arc::new(Live {
             session,
-            question: (peer.id, name.to_owned()),
+            question: (peer.id, question),
             recheck: Box::new({
                 let (peer, policy) = (peer.clone(), service.policy.clone());
                 let authority = shared.authority.clone();
+                let mailbox = mailbox.clone();
                 move |snapshot: &Snapshot, zoned: &jiff::Zoned| {
                     let source = peer.connection.remote_address();
                     // The lineage's certificate, which a renewal may have extended.
                     let not_after = authority
                         .lineage_end(&peer.client.identity.auth.lineage)
                         .map_or(peer.client.not_after, |end| end.max(peer.client.not_after));
-                    authorize(snapshot, &peer, &policy, source, zoned, not_after).err()
+                    authorize(snapshot, &peer, &policy, source, zoned, not_after, mailbox.get()).err()
                 }
             }),
             cut: peer.cut.child_token(),
@@ -787,6 +811,7 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
                 source,
                 &shared.authority.zoned(now),
                 peer.client.not_after,
+                None,
             );
             // Decided with a snapshot that was replaced meanwhile: ask the new one.
             if shared.authority.current().generation == snapshot.generation {
@@ -856,16 +881,43 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
                 return close(format!("{}: {detail}", code.as_str()), 0, 0);
             }
         };
+        let upstream = match &service.config.protocol {
+            Protocol::Imap(imap) => {
+                let connected = tokio::time::timeout(
+                    connect_timeout,
+                    crate::imap::connect(upstream, imap, service.tls.as_ref()),
+                )
+                .await
+                .unwrap_or_else(|_| Err(format!("no IMAP greeting within {}", humantime::format_duration(connect_timeout))));
+                match connected {
+                    Ok(mail) => Upstream::Imap(mail, imap),
+                    Err(detail) => {
+                        warn!(upstream = %format!("{}:{}", service.config.host, service.config.port), error = %detail, "mail server unusable");
+                        let reason = format!("`{name}` cannot be used from the broker right now ({detail}); try again later, or tell your administrator if it persists");
+                        answer(&mut send, Answer::Refused(Refusal::new(RefuseCode::UpstreamUnavailable, &reason))).await;
+                        return close(format!("upstream_unavailable: {detail}"), 0, 0);
+                    }
+                }
+            }
+            Protocol::Tcp => Upstream::Tcp(upstream),
+        };
         drop(_connecting);
         if let Err(err) = write_frame(&mut send, &Answer::Opened).await {
             return close(format!("client_gone: {err}"), 0, 0);
         }
         info!("session open");
-        let relayed = relay(send, recv, upstream, &live.cut).await;
+        let (relayed, imap_reason) = match upstream {
+            Upstream::Imap(mail, imap) => {
+                let ended = serve_imap(&peer, &shared, &service.policy, imap, &live, &mailbox, audited, (send, recv), mail).await;
+                (ended.relayed, ended.reason)
+            }
+            Upstream::Tcp(tcp) => (relay(send, recv, tcp, &live.cut).await, None),
+        };
         // The expiry cut closes the connection too; whichever the relay noticed first, the
         // session ended because the certificate did.
         let expired = peer.expired.load(Ordering::Relaxed);
         let reason = match (&relayed.end, live.ended.get()) {
+            (_, None) if imap_reason.is_some() => imap_reason.unwrap_or_default(),
             (RelayEnd::Cancelled, Some(ended)) => match ended.denial.kind {
                 "revoked" => "revoked".to_owned(),
                 _ => "policy_denied".to_owned(),
@@ -936,6 +988,7 @@ fn authorize(
     source: SocketAddr,
     zoned: &jiff::Zoned,
     not_after: SystemTime,
+    mailbox: Option<&Canonical>,
 ) -> Result<Decision, Denial> {
     let identity = &peer.client.identity;
     if let Some(reason) = snapshot.revocations.check(&crate::revoke::Subject {
@@ -951,19 +1004,43 @@ fn authorize(
             decision: None,
         });
     }
-    let decision = snapshot.policies.authorize(&Request {
-        principal: &peer.principal,
-        authentication: &peer.authentication,
-        device: &peer.device,
-        source: source.ip(),
-        now: zoned,
-        action: Action::Connect {
-            service,
-            certificate: Certificate {
-                not_before: peer.client.not_before,
-                not_after,
-            },
-        },
+    let certificate = Certificate {
+        not_before: peer.client.not_before,
+        not_after,
+    };
+    let ask = |action| {
+        snapshot.policies.authorize(&Request {
+            principal: &peer.principal,
+            authentication: &peer.authentication,
+            device: &peer.device,
+            source: source.ip(),
+            now: zoned,
+            action,
+        })
+    };
+    let decision = ask(Action::Connect {
+        service,
+        certificate,
+    });
+    if !decision.is_allowed() {
+        return Err(Denial {
+            kind: "policy",
+            reason: format!(
+                "policy does not allow {} to reach `{}`; ask your administrator if you need it",
+                identity.display_name(),
+                service.name
+            ),
+            decision: Some(decision),
+        });
+    }
+    let Some(mailbox) = mailbox else {
+        return Ok(decision);
+    };
+    let decision = ask(Action::ImapLogin {
+        mailbox: &mailbox.name,
+        address: &mailbox.address,
+        service,
+        certificate,
     });
     if decision.is_allowed() {
         return Ok(decision);
@@ -971,12 +1048,93 @@ fn authorize(
     Err(Denial {
         kind: "policy",
         reason: format!(
-            "policy does not allow {} to reach `{}`; ask your administrator if you need it",
+            "policy does not allow {} to open the mailbox `{}`; ask your administrator if you need it",
             identity.display_name(),
-            service.name
+            mailbox.name
         ),
         decision: Some(decision),
     })
+}
+
+/// Where a session's bytes go.
+enum Upstream<'a> {
+    /// An IMAP server past its greeting, and how to treat it.
+    Imap(crate::imap::Mail, &'a crate::config::ImapService),
+    /// A TCP service.
+    Tcp(TcpStream),
+}
+
+/// An IMAP session: the login binding, then the watched relay.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the session's parts, each used once"
+)]
+async fn serve_imap(
+    peer: &Arc<Peer>,
+    shared: &Arc<Shared>,
+    service: &postern_policy::Service,
+    imap: &crate::config::ImapService,
+    live: &Live,
+    mailbox: &std::sync::OnceLock<Canonical>,
+    connect: Connect<'_>,
+    (send, recv): (SendStream, RecvStream),
+    mail: crate::imap::Mail,
+) -> crate::imap::Ended {
+    let authorize = |canonical: &Canonical| {
+        let snapshot = shared.authority.current();
+        let source = peer.connection.remote_address();
+        let zoned = shared.authority.zoned(SystemTime::now());
+        let not_after = shared
+            .authority
+            .lineage_end(&peer.client.identity.auth.lineage)
+            .map_or(peer.client.not_after, |end| end.max(peer.client.not_after));
+        authorize(
+            &snapshot,
+            peer,
+            service,
+            source,
+            &zoned,
+            not_after,
+            Some(canonical),
+        )
+        .map(|decision| decision.policies)
+        .map_err(|denial| crate::imap::Denied {
+            reason: denial.reason,
+            policies: denial.decision.map(|d| d.policies).unwrap_or_default(),
+        })
+    };
+    let audit = |step, mailbox: Option<&str>, reason: Option<&str>, policies: &[String]| {
+        shared.audit.record_or_log(&Event::Imap {
+            connect: Connect {
+                policies,
+                ..connect
+            },
+            step,
+            mailbox,
+            reason,
+        });
+    };
+    let cut_reason = || {
+        live.ended.get().map_or_else(
+            || "The gateway is closing this session; connect again".to_owned(),
+            |ended| ended.denial.reason.clone(),
+        )
+    };
+    let session = crate::imap::Session {
+        gate: &shared.imap,
+        rules: &imap.login,
+        user: &peer.principal.id,
+        who: peer.client.identity.display_name(),
+        source: peer.connection.remote_address(),
+        forward_address: imap.forward_client_address,
+        session_id: connect.session,
+        authorize: &authorize,
+        audit: &audit,
+        logged_in: mailbox,
+        cut: &live.cut,
+        cut_reason: &cut_reason,
+    };
+    crate::imap::serve(session, send, recv, mail).await
 }
 
 async fn refuse(

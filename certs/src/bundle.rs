@@ -67,6 +67,32 @@ pub struct Login {
 pub struct BundleService {
     /// Local port the agent listens on by default.
     pub port: u16,
+    /// How the agent serves it locally: `tcp` (default) or `imap`.
+    #[serde(default, with = "kind", skip_serializing_if = "is_tcp")]
+    pub protocol: postern_proto::ServiceKind,
+}
+
+fn is_tcp(kind: &postern_proto::ServiceKind) -> bool {
+    *kind == postern_proto::ServiceKind::Tcp
+}
+
+/// `ServiceKind` by its name in bundles.
+mod kind {
+    use postern_proto::ServiceKind;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(kind: &ServiceKind, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(kind.as_str())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ServiceKind, D::Error> {
+        let name = String::deserialize(d)?;
+        ServiceKind::from_name(&name).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown service protocol `{name}` (known: tcp, imap); this postern may be older than the broker"
+            ))
+        })
+    }
 }
 
 /// Why a bundle cannot be used.

@@ -301,7 +301,7 @@ impl fmt::Debug for Generated {
 }
 
 /// Whole-second validity from `now` for `lifetime`, as certificates express it.
-fn validity(
+pub(crate) fn validity(
     now: SystemTime,
     lifetime: Duration,
 ) -> Option<(time::OffsetDateTime, time::OffsetDateTime)> {
@@ -311,7 +311,7 @@ fn validity(
 }
 
 /// A positive 128-bit serial number from the system's secure random generator.
-fn random_serial() -> Result<SerialNumber, rcgen::Error> {
+pub(crate) fn random_serial() -> Result<SerialNumber, rcgen::Error> {
     let mut bytes = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .map_err(|_| rcgen::Error::RingUnspecified)?;

@@ -18,6 +18,7 @@ mod ca;
 mod csr;
 mod extension;
 mod identity;
+mod local;
 mod pin;
 mod proof;
 mod secret;
@@ -42,6 +43,7 @@ pub use identity::{
     AuthContext, DeviceId, Identity, IdentityError, Issuance, LineageId, LoginFlow,
     MAX_ID_PART_LEN, RandomId, UserId,
 };
+pub use local::{LOCAL_TLS_LIFETIME, LocalTls};
 pub use pin::{Pin, PinError, pinned_cas, pinned_client_config};
 pub use proof::{DeviceKey, ProofError};
 pub use secret::{Sealed, SecretPem};

@@ -74,6 +74,7 @@ struct RawUserAttrs {
     name: Option<String>,
     disabled: Option<bool>,
     tags: Option<Vec<String>>,
+    mailboxes: Option<Vec<String>>,
 }
 
 impl Directory {
@@ -113,7 +114,7 @@ impl Directory {
                     let attrs: RawUserAttrs =
                         serde_json::from_value(Value::Object(entity.attrs)).map_err(|e| {
                             at(format!(
-                                "{e}; a User may have email, name, disabled (Bool) and tags (Set of String)"
+                                "{e}; a User may have email, name, disabled (Bool), tags and mailboxes (Sets of String)"
                             ))
                         })?;
                     if attrs.issuer.as_deref().is_some_and(|i| i != user.issuer())
@@ -133,6 +134,7 @@ impl Directory {
                             name: attrs.name,
                             disabled: attrs.disabled,
                             tags: attrs.tags,
+                            mailboxes: attrs.mailboxes,
                         },
                         groups,
                     };
@@ -203,6 +205,7 @@ impl Directory {
                 .or_else(|| principal.name.clone()),
             disabled: file.and_then(|a| a.disabled),
             tags: file.and_then(|a| a.tags.clone()),
+            mailboxes: file.and_then(|a| a.mailboxes.clone()),
         };
         let mut direct: Vec<&str> = principal.groups.iter().map(String::as_str).collect();
         if let Some(member) = member {

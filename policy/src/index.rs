@@ -290,6 +290,7 @@ mod tests {
                         }
                         actions.push(Action::ImapLogin {
                             mailbox: "alice@example.org",
+                            address: "alice@example.org",
                             service: &service_list[0],
                             certificate: Certificate {
                                 not_before: now,

@@ -103,6 +103,9 @@ pub enum Action<'a> {
     ImapLogin {
         /// The canonical login name: the `Mailbox` id.
         mailbox: &'a str,
+        /// The login name as a full address (`Mailbox.address`), where the server's default
+        /// domain is known; else the name.
+        address: &'a str,
         /// The IMAP service.
         service: &'a Service,
         /// The connection's certificate.
@@ -218,6 +221,7 @@ impl Request<'_> {
             }
             Action::ImapLogin {
                 mailbox,
+                address,
                 service,
                 certificate,
             } => {
@@ -227,6 +231,7 @@ impl Request<'_> {
                     mailbox,
                     [
                         ("name", string(mailbox)),
+                        ("address", string(address)),
                         ("service", string(&service.name)),
                     ],
                 )?
@@ -277,6 +282,7 @@ pub(crate) struct UserAttributes {
     pub(crate) name: Option<String>,
     pub(crate) disabled: Option<bool>,
     pub(crate) tags: Option<Vec<String>>,
+    pub(crate) mailboxes: Option<Vec<String>>,
 }
 
 /// Builds a `User` entity.
@@ -290,7 +296,8 @@ pub(crate) fn user_entity(
         ("subject".to_owned(), string(&principal.subject)),
     ]);
     if let Some(email) = &attributes.email {
-        attrs.insert("email".to_owned(), string(email));
+        // Lowercased, as mail servers compare addresses: `Mailbox.address` is too.
+        attrs.insert("email".to_owned(), string(&email.to_ascii_lowercase()));
     }
     if let Some(name) = &attributes.name {
         attrs.insert("name".to_owned(), string(name));
@@ -300,6 +307,9 @@ pub(crate) fn user_entity(
             "disabled".to_owned(),
             RestrictedExpression::new_bool(disabled),
         );
+    }
+    if let Some(mailboxes) = &attributes.mailboxes {
+        attrs.insert("mailboxes".to_owned(), set(mailboxes));
     }
     if let Some(tags) = &attributes.tags {
         attrs.insert("tags".to_owned(), set(tags));

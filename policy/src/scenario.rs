@@ -371,6 +371,7 @@ impl Scenario {
             },
             "imap_login" => Action::ImapLogin {
                 mailbox: &self.resource,
+                address: &self.resource,
                 service: &imap_service,
                 certificate,
             },

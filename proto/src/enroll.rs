@@ -10,7 +10,7 @@
 use std::fmt;
 
 use crate::frame::{DecodeError, Frame, encode_frame, split};
-use crate::service::ServiceName;
+use crate::service::{ServiceKind, ServiceName};
 
 /// Largest body of an enrollment frame, in bytes.
 pub const MAX_ENROLL_BODY_LEN: usize = 16 * 1024;
@@ -120,8 +120,8 @@ pub struct Welcome {
     pub broker: String,
     /// The identity provider people log in at (its issuer URL), empty when login is not set up.
     pub idp: String,
-    /// Services and the local port each is served on by default.
-    pub services: Vec<(ServiceName, u16)>,
+    /// Services, the local port each is served on by default, and how.
+    pub services: Vec<(ServiceName, u16, ServiceKind)>,
 }
 
 /// A device authorization the person completes in a browser (RFC 8628, section 3.2).
@@ -290,7 +290,10 @@ impl Frame for Reply {
                 let mut services = Vec::with_capacity(count);
                 for _ in 0..count {
                     let name = ServiceName::from_wire(&body.bytes(crate::MAX_SERVICE_NAME_LEN)?)?;
-                    services.push((name, body.u16()?));
+                    let port = body.u16()?;
+                    let kind = ServiceKind::from_wire(body.u8()?)
+                        .ok_or(DecodeError::Malformed("Welcome"))?;
+                    services.push((name, port, kind));
                 }
                 Reply::Welcome(Welcome {
                     broker,
@@ -353,9 +356,10 @@ impl Frame for Reply {
                 put_text(&mut body, &welcome.idp, MAX_TEXT_LEN);
                 let services = &welcome.services[..welcome.services.len().min(MAX_SERVICES)];
                 body.push(u8::try_from(services.len()).unwrap_or(u8::MAX));
-                for (name, port) in services {
+                for (name, port, kind) in services {
                     put_bytes(&mut body, name.as_str().as_bytes(), usize::MAX);
                     body.extend_from_slice(&port.to_be_bytes());
+                    body.push(kind.to_wire());
                 }
                 TYPE_WELCOME
             }
@@ -667,7 +671,10 @@ mod tests {
         round_trip_reply(Reply::Welcome(Welcome {
             broker: "gw.example.org".into(),
             idp: "https://idp.example.org".into(),
-            services: vec![(ServiceName::new("imap").unwrap(), 993)],
+            services: vec![
+                (ServiceName::new("imap").unwrap(), 993, ServiceKind::Imap),
+                (ServiceName::new("git").unwrap(), 2222, ServiceKind::Tcp),
+            ],
         }));
         round_trip_reply(Reply::Device(DeviceCode {
             verification_uri: "https://idp.example.org/device".into(),

@@ -25,7 +25,7 @@ pub use enroll::{
 pub use frame::{
     Answer, DecodeError, Frame, HEADER_LEN, MAX_BODY_LEN, MAX_REASON_LEN, Open, Refusal, RefuseCode,
 };
-pub use service::{MAX_SERVICE_NAME_LEN, ServiceName, ServiceNameError};
+pub use service::{MAX_SERVICE_NAME_LEN, ServiceKind, ServiceName, ServiceNameError};
 
 /// ALPN id of the tunnel protocol, version 1: mutual TLS, one stream per forwarded connection.
 pub const ALPN_TUNNEL: &[u8] = b"postern/1";

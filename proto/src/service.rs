@@ -88,6 +88,57 @@ impl AsRef<str> for ServiceName {
     }
 }
 
+/// How the agent serves a service to local programs, as the broker announces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ServiceKind {
+    /// Plain TCP: bytes are forwarded as they are.
+    #[default]
+    Tcp,
+    /// IMAP: the agent serves TLS on loopback with its local certificate, and the broker checks
+    /// the login.
+    Imap,
+}
+
+impl ServiceKind {
+    /// The name used in configuration and bundles: `tcp` or `imap`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceKind::Tcp => "tcp",
+            ServiceKind::Imap => "imap",
+        }
+    }
+
+    /// The kind named `name`, if known.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "tcp" => Some(ServiceKind::Tcp),
+            "imap" => Some(ServiceKind::Imap),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn to_wire(self) -> u8 {
+        match self {
+            ServiceKind::Tcp => 0,
+            ServiceKind::Imap => 1,
+        }
+    }
+
+    pub(crate) fn from_wire(byte: u8) -> Option<Self> {
+        match byte {
+            0 => Some(ServiceKind::Tcp),
+            1 => Some(ServiceKind::Imap),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ServiceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,11 +20,17 @@ def main() -> int:
     parser.add_argument("--user", required=True)
     parser.add_argument("--password", required=True)
     parser.add_argument("--mailbox", default="INBOX")
+    parser.add_argument("--mechanism", choices=["login", "plain"], default="login",
+                        help="LOGIN, or AUTHENTICATE PLAIN (without an initial response)")
     args = parser.parse_args()
 
     context = ssl.create_default_context(cafile=args.cafile)
     with imaplib.IMAP4_SSL(args.host, args.port, ssl_context=context, timeout=60) as imap:
-        imap.login(args.user, args.password)
+        if args.mechanism == "plain":
+            message = b"\0" + args.user.encode() + b"\0" + args.password.encode()
+            imap.authenticate("PLAIN", lambda _challenge: message)
+        else:
+            imap.login(args.user, args.password)
         _, boxes = imap.list()
         _, count = imap.select(args.mailbox, readonly=True)
         _, found = imap.uid("SEARCH", None, "ALL")

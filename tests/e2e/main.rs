@@ -10,6 +10,7 @@ mod bad_input;
 mod cli;
 mod deny;
 mod expiry;
+mod imap_binding;
 mod local_user;
 mod login;
 mod reauthorization;

@@ -49,7 +49,7 @@ async fn a_forbid_added_ends_a_live_idle_session_within_two_seconds() {
         .wait_for_audit("session.close", |e| e["event"]["reason"] == "policy_denied")
         .await;
     let reload = gateway.wait_for_audit("policy.reload", |_| true).await;
-    assert_eq!(reload["postern"]["policies_loaded"], 4);
+    assert_eq!(reload["postern"]["policies_loaded"], 5);
     // New connections are refused too.
     assert!(
         imap_fetch(agent.addr("imap"), &dovecot.ca(), "alice", PASSWORD)

@@ -39,6 +39,8 @@ pub struct AgentHandle {
     tunnel: std::sync::Arc<postern_agent::tunnel::Tunnel>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
+    /// The local CA IMAP services are served with, as `postern trust` would show it.
+    local_ca: Option<tempfile::NamedTempFile>,
 }
 
 impl Gateway {
@@ -66,6 +68,7 @@ impl Gateway {
                 .iter()
                 .map(|(name, addr)| format!("{name}={addr}"))
                 .collect(),
+            mail_ca: None,
             oidc: None,
         };
         let config_path = init(&options, SystemTime::now()).unwrap();
@@ -386,6 +389,18 @@ impl AgentHandle {
         if let Some(home) = home {
             agent = agent.with_renewal(home, identity.clone());
         }
+        let imap = identity
+            .services
+            .values()
+            .any(|s| s.protocol == postern_proto::ServiceKind::Imap);
+        let mut local_ca = None;
+        if imap {
+            let tls = postern_certs::LocalTls::generate(SystemTime::now()).unwrap();
+            agent = agent.with_local_tls(&tls).unwrap();
+            let file = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(file.path(), &tls.ca_pem).unwrap();
+            local_ca = Some(file);
+        }
         let addresses = agent.addresses();
         let tunnel = agent.tunnel();
         let shutdown = agent.shutdown_token();
@@ -395,7 +410,16 @@ impl AgentHandle {
             tunnel,
             shutdown,
             task: Some(task),
+            local_ca,
         }
+    }
+
+    /// The file of the local CA that IMAP services are served with.
+    pub fn local_ca(&self) -> &std::path::Path {
+        self.local_ca
+            .as_ref()
+            .expect("the identity has an IMAP service")
+            .path()
     }
 
     /// Moves the agent's tunnel to a socket bound to `local`, as a network change does.

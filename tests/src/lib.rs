@@ -8,7 +8,8 @@
 //! - [`Idp`]: a real OpenID provider (npm `oidc-provider`, `tests/idp/`) with the device flow,
 //!   refresh tokens, a password and a TOTP step; [`approve`]: a person approving a device login
 //!   in headless Chromium.
-//! - [`imap_fetch`], [`curl`]: real IMAP clients (Python `imaplib`, `curl`).
+//! - [`imap_fetch`], [`curl`], [`mbsync`]: real IMAP clients (Python `imaplib`, `curl`, isync).
+//! - [`ImapWire`]: raw IMAP over TLS, for the byte sequences no well-behaved client sends.
 //! - [`bin`]: the built `postern` and `postern-broker` binaries, for the demo.
 //!
 //! Nothing here listens on anything but 127.0.0.1.
@@ -21,6 +22,7 @@
 mod dovecot;
 mod gateway;
 mod idp;
+mod imap_wire;
 mod process;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -30,6 +32,7 @@ use std::process::Output;
 pub use dovecot::{Dovecot, Message};
 pub use gateway::{AgentHandle, Gateway, LoginRun};
 pub use idp::{ALICE, Approval, BOB, CLIENT_ID, Idp, IdpOptions, Person, approve, totp_now};
+pub use imap_wire::ImapWire;
 pub use process::{Running, run_ok, wait_for_line};
 
 /// The workspace folder.
@@ -77,6 +80,17 @@ pub async fn imap_fetch(
     user: &str,
     password: &str,
 ) -> Result<serde_json::Value, String> {
+    imap_fetch_with(addr, ca, user, password, "login").await
+}
+
+/// [`imap_fetch`] logging in with `mechanism`: `login` or `plain` (AUTHENTICATE PLAIN).
+pub async fn imap_fetch_with(
+    addr: SocketAddr,
+    ca: &Path,
+    user: &str,
+    password: &str,
+    mechanism: &str,
+) -> Result<serde_json::Value, String> {
     let script = workspace().join("tests/clients/imap_fetch.py");
     let output = tokio::process::Command::new("python3")
         .arg(script)
@@ -89,6 +103,7 @@ pub async fn imap_fetch(
         .arg("--cafile")
         .arg(ca)
         .args(["--user", user, "--password", password])
+        .args(["--mechanism", mechanism])
         .kill_on_drop(true)
         .output()
         .await
@@ -197,4 +212,85 @@ impl ImapIdle {
     pub fn is_open(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+}
+
+/// `message` without the `X-TUID` header mbsync adds to each message it stores (a random id).
+fn without_tuid(message: &[u8]) -> Vec<u8> {
+    let header_end = message
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .unwrap_or(message.len());
+    let Some(start) = message[..header_end]
+        .windows(8)
+        .position(|w| w == b"X-TUID: ")
+        .filter(|&at| at == 0 || message[at - 1] == b'\n')
+    else {
+        return message.to_vec();
+    };
+    let end = message[start..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(message.len(), |at| start + at + 1);
+    [&message[..start], &message[end..]].concat()
+}
+
+/// Syncs the INBOX at `addr` (as `localhost`, verified against `ca`) into the maildir `dir`
+/// with `mbsync` (isync), logging in with `mechanism` (`LOGIN` or `PLAIN`). Returns the SHA-256
+/// of every message it wrote (without the header it adds), sorted, so that two syncs compare by
+/// content.
+pub async fn mbsync(
+    addr: SocketAddr,
+    ca: &Path,
+    user: &str,
+    password: &str,
+    mechanism: &str,
+    dir: &Path,
+) -> Result<Vec<String>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let config = dir.join("mbsyncrc");
+    let maildir = dir.join("mail");
+    std::fs::create_dir_all(&maildir).map_err(|e| e.to_string())?;
+    std::fs::write(
+        &config,
+        format!(
+            "IMAPAccount postern\nHost localhost\nPort {port}\nUser {user}\nPass \"{password}\"\n\
+             SSLType IMAPS\nCertificateFile {ca}\nAuthMechs {mechanism}\nPipelineDepth 20\n\n\
+             IMAPStore far\nAccount postern\n\n\
+             MaildirStore near\nPath {maildir}/\nInbox {maildir}/INBOX\n\n\
+             Channel inbox\nFar :far:\nNear :near:\nPatterns INBOX\nCreate Near\nSync Pull\n\
+             SyncState *\n",
+            port = addr.port(),
+            ca = ca.display(),
+            maildir = maildir.display(),
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let output = tokio::process::Command::new("mbsync")
+        .arg("--config")
+        .arg(&config)
+        .arg("--all")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| format!("cannot run mbsync (isync; scripts/install-test-deps): {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "mbsync failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let mut sums = Vec::new();
+    for sub in ["cur", "new"] {
+        let Ok(entries) = std::fs::read_dir(maildir.join("INBOX").join(sub)) else {
+            continue;
+        };
+        for entry in entries {
+            let bytes = std::fs::read(entry.map_err(|e| e.to_string())?.path())
+                .map_err(|e| e.to_string())?;
+            sums.push(sha256_hex(&without_tuid(&bytes)));
+        }
+    }
+    sums.sort();
+    Ok(sums)
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 
 pub use frame_io::{FrameError, read_frame, write_frame};
-pub use relay::{RelayEnd, Relayed, relay};
+pub use relay::{RelayEnd, Relayed, relay, relay_stream};
 
 /// Transport settings of a tunnel connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,9 +12,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use postern_proto::ResetCode;
 use quinn::{ReadError, RecvStream, SendStream, WriteError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
 use crate::reset_code;
@@ -67,15 +66,44 @@ impl RelayEnd {
 /// Relays between a QUIC stream and a TCP connection until both directions end, one side
 /// fails, or `cancel` fires.
 pub async fn relay(
+    send: SendStream,
+    recv: RecvStream,
+    mut tcp: TcpStream,
+    cancel: &CancellationToken,
+) -> Relayed {
+    let relayed = {
+        let (tcp_read, tcp_write) = tcp.split();
+        relay_halves(send, recv, tcp_read, tcp_write, cancel).await
+    };
+    if !matches!(relayed.end, RelayEnd::Closed | RelayEnd::TcpFailed(_)) {
+        // Linger 0: closing sends RST instead of FIN, so the TCP peer sees an abort.
+        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    }
+    relayed
+}
+
+/// [`relay`] for any byte stream, such as TLS over TCP. An abnormal end closes the stream
+/// without a clean shutdown.
+pub async fn relay_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    send: SendStream,
+    recv: RecvStream,
+    stream: S,
+    cancel: &CancellationToken,
+) -> Relayed {
+    let (read, write) = tokio::io::split(stream);
+    relay_halves(send, recv, read, write, cancel).await
+}
+
+async fn relay_halves<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut send: SendStream,
     mut recv: RecvStream,
-    mut tcp: TcpStream,
+    mut tcp_read: R,
+    mut tcp_write: W,
     cancel: &CancellationToken,
 ) -> Relayed {
     let mut from_quic = 0;
     let mut to_quic = 0;
     let end = {
-        let (mut tcp_read, mut tcp_write) = tcp.split();
         let inbound = quic_to_tcp(&mut recv, &mut tcp_write, &mut from_quic);
         let outbound = tcp_to_quic(&mut tcp_read, &mut send, &mut to_quic);
         tokio::pin!(inbound, outbound);
@@ -111,10 +139,6 @@ pub async fn relay(
     // Errors here mean the stream is already gone, which is what we want.
     let _ = send.reset(reset_code(code));
     let _ = recv.stop(reset_code(code));
-    if !matches!(end, RelayEnd::TcpFailed(_)) {
-        // Linger 0: closing sends RST instead of FIN, so the TCP peer sees an abort.
-        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-    }
     Relayed {
         from_quic,
         to_quic,
@@ -122,15 +146,19 @@ pub async fn relay(
     }
 }
 
-async fn quic_to_tcp(
+async fn quic_to_tcp<W: AsyncWrite + Unpin>(
     recv: &mut RecvStream,
-    tcp: &mut WriteHalf<'_>,
+    tcp: &mut W,
     count: &mut u64,
 ) -> Result<(), RelayEnd> {
     loop {
         match recv.read_chunk(CHUNK, true).await {
             Ok(Some(chunk)) => {
                 tcp.write_all(&chunk.bytes)
+                    .await
+                    .map_err(|e| RelayEnd::TcpFailed(e.kind()))?;
+                // A TLS stream keeps records it could not write until flushed; for TCP a no-op.
+                tcp.flush()
                     .await
                     .map_err(|e| RelayEnd::TcpFailed(e.kind()))?;
                 *count += chunk.bytes.len() as u64;
@@ -150,8 +178,8 @@ async fn quic_to_tcp(
     }
 }
 
-async fn tcp_to_quic(
-    tcp: &mut ReadHalf<'_>,
+async fn tcp_to_quic<R: AsyncRead + Unpin>(
+    tcp: &mut R,
     send: &mut SendStream,
     count: &mut u64,
 ) -> Result<(), RelayEnd> {

@@ -44,7 +44,14 @@ fn bundle(
             .issue(&alice(not_before), &key, not_before, lifetime)
             .unwrap(),
         key: with_key.then(|| request.key_pem.clone()),
-        services: [("imap".parse().unwrap(), BundleService { port: 993 })].into(),
+        services: [(
+            "imap".parse().unwrap(),
+            BundleService {
+                port: 993,
+                protocol: Default::default(),
+            },
+        )]
+        .into(),
         login: None,
     }
 }
@@ -314,4 +321,39 @@ fn up_serves_until_sigterm_even_before_the_broker_answers() {
     let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn trust_shows_the_local_ca_and_keeps_it() {
+    let home = tempfile::tempdir().unwrap();
+    let first = postern(home.path(), &["trust"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let text = stdout(&first);
+    assert!(text.contains("Made a new local CA"), "{text}");
+    let ca = home.path().join("local-ca.pem");
+    assert!(text.contains(&ca.display().to_string()), "{text}");
+    assert!(text.contains("SHA-256:"), "{text}");
+    for command in [
+        "certutil -d sql:$HOME/.pki/nssdb -A",
+        "update-ca-certificates",
+        "security add-trusted-cert",
+        "certutil -user -addstore Root",
+        "Manage",
+    ] {
+        assert!(text.contains(command), "{command}: {text}");
+    }
+    let key = home.path().join("local-server.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let pem = std::fs::read_to_string(&ca).unwrap();
+    assert!(
+        !pem.contains("PRIVATE KEY"),
+        "the CA's key is never written"
+    );
+
+    // The same CA next time: trusting it once is enough.
+    let again = postern(home.path(), &["trust"]);
+    assert!(again.status.success());
+    assert!(!stdout(&again).contains("Made a new"));
+    assert_eq!(std::fs::read_to_string(&ca).unwrap(), pem);
 }

@@ -134,7 +134,14 @@ fn bundles_round_trip_and_check_their_key() {
         server_cas: vec![server_ca().certificate().clone()],
         certificate: cert.clone(),
         key: Some(request.key_pem.clone()),
-        services: [("imap".parse().unwrap(), BundleService { port: 993 })].into(),
+        services: [(
+            "imap".parse().unwrap(),
+            BundleService {
+                port: 993,
+                protocol: postern_proto::ServiceKind::Imap,
+            },
+        )]
+        .into(),
         login: Some(postern_certs::Login {
             sealed: Some(postern_certs::Sealed::new(vec![1, 2, 3, 250])),
             session_ends: SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000),

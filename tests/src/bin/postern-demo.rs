@@ -49,9 +49,12 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
 
     say("A private mail server: Dovecot on 127.0.0.1, reachable only from this machine");
-    let dovecot = Dovecot::start(&[("alice", "wonderland", Message::samples(5, 7))]);
+    let dovecot = Dovecot::start(&[
+        ("alice", "wonderland", Message::samples(5, 7)),
+        ("bob", "builder", Message::samples(2, 8)),
+    ]);
     println!(
-        "Dovecot serves IMAPS on {} with 5 messages for alice",
+        "Dovecot serves IMAPS on {} with 5 messages for alice and 2 for bob",
         dovecot.addr()
     );
 
@@ -68,7 +71,8 @@ fn main() {
 
     say("The administrator sets up a broker in front of the mail server, using that IdP");
     let listen = format!("127.0.0.1:{}", free_udp_port());
-    let service = format!("imap={}", dovecot.addr());
+    let service = format!("imap=imaps://{}", dovecot.addr());
+    let mail_ca = dovecot.ca();
     let init = run_capture(
         &broker,
         &[
@@ -81,6 +85,8 @@ fn main() {
             &listen,
             "--service",
             &service,
+            "--mail-ca",
+            mail_ca.to_str().unwrap(),
             "--issuer",
             &idp.issuer,
             "--client-id",
@@ -96,6 +102,15 @@ fn main() {
         .find(|l| l.starts_with("postern login --broker"))
         .expect("init prints the login line")
         .to_owned();
+
+    say("... tells it how Dovecot reads login names (`alice` is alice@example.org) ...");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace(
+        "# domain = \"example.org\"\n# domain_form = \"address\"",
+        "domain = \"example.org\"\ndomain_form = \"local\"",
+    );
+    std::fs::write(&config, text).unwrap();
+    println!("[services.imap.login]\ndomain = \"example.org\"\ndomain_form = \"local\"");
 
     say("... and starts it");
     let serve_args = ["serve", "--config", config.to_str().unwrap()];
@@ -139,8 +154,11 @@ fn main() {
     let up = Running(child);
     println!("{}", wait_for_line(stdout, "postern: imap on"));
 
-    say("A mail client reads mail through the tunnel (TLS end to end with Dovecot)");
-    let ca = dovecot.ca();
+    say("alice's mail programs trust this laptop's local CA (only for localhost)");
+    run(&postern, &["trust"], &home);
+
+    say("A mail client reads mail through the tunnel: the broker checks the login against policy");
+    let ca = home.join("local-ca.pem");
     let ca = ca.to_str().unwrap();
     for args in [
         vec![
@@ -181,6 +199,32 @@ fn main() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+
+    say("bob's password does not open bob's mailbox through alice's login");
+    let args = [
+        "--cacert",
+        ca,
+        &format!("imaps://{local}/INBOX"),
+        "--user",
+        "bob:builder",
+    ];
+    println!("$ curl {}", args.join(" "));
+    let output = Command::new("curl")
+        .arg("--silent")
+        .arg("--show-error")
+        .arg("--verbose")
+        .args(args)
+        .output()
+        .unwrap();
+    let verbose = String::from_utf8_lossy(&output.stderr);
+    for line in verbose
+        .lines()
+        .filter(|l| l.contains("AUTHORIZATIONFAILED"))
+    {
+        println!("{line}");
+    }
+    assert!(!output.status.success(), "bob's mailbox must stay closed");
+    assert!(verbose.contains("AUTHORIZATIONFAILED"), "{verbose}");
 
     say("Shut down (SIGTERM), then read the audit trail");
     assert!(up.terminate().success());
