@@ -61,6 +61,8 @@ pub const DEFAULT_LOCKOUT_WINDOW: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_LOCKOUT_DURATION: Duration = Duration::from_secs(60);
 /// Default `imap.lockout_max_duration`: the longest lockout.
 pub const DEFAULT_LOCKOUT_MAX_DURATION: Duration = Duration::from_secs(3600);
+/// Longest `imap.lockout_max_duration` and `imap.lockout_window` accepted.
+pub const MAX_LOCKOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Largest `pki.max_clock_skew` accepted: more would keep expired certificates working.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(10 * 60);
 /// Largest `pki.max_cert_lifetime` accepted: certificates are meant to be short-lived.
@@ -783,6 +785,12 @@ impl Config {
                     DEFAULT_LOCKOUT_MAX_DURATION,
                 )?,
             };
+            if rules.max_lock > MAX_LOCKOUT || rules.window > MAX_LOCKOUT {
+                return Err(invalid(
+                    "imap.lockout_max_duration",
+                    "and `imap.lockout_window` must be at most 7 days".into(),
+                ));
+            }
             if rules.max_lock < rules.lock {
                 return Err(invalid(
                     "imap.lockout_max_duration",

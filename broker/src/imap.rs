@@ -684,7 +684,8 @@ async fn attempt(
     password: &Secret,
     out: &mut Vec<u8>,
 ) -> Attempt {
-    let mut say = |text: String| out.extend_from_slice(format!("{tag} {text}\r\n").as_bytes());
+    let mut say =
+        |text: String| out.extend_from_slice(format!("{tag} {}\r\n", one_line(&text)).as_bytes());
     let canonical = match session.rules.canonical(user) {
         Ok(canonical) => canonical,
         Err(err) => {
@@ -797,9 +798,24 @@ async fn attempt(
     };
     match status {
         Status::Ok => {
-            answer(&retagged, out);
             session.gate.succeeded(session.user);
             let _ = session.logged_in.set(canonical.clone());
+            // A policy change between the decision and now was re-checked without the mailbox.
+            if let Err(denied) = (session.authorize)(&canonical) {
+                (session.audit)(
+                    ImapStep::LoginDeny,
+                    mailbox,
+                    Some(&denied.reason),
+                    &denied.policies,
+                );
+                let reason = one_line(&denied.reason);
+                out.extend_from_slice(
+                    format!("{tag} NO [AUTHORIZATIONFAILED] {reason}\r\n* BYE [UNAVAILABLE] {reason}\r\n")
+                        .as_bytes(),
+                );
+                return Attempt::Over("policy_denied".into());
+            }
+            answer(&retagged, out);
             (session.audit)(ImapStep::LoginAllow, mailbox, None, &policies);
             info!(mailbox = %canonical.name, "imap login");
             Attempt::Allowed
@@ -869,12 +885,15 @@ async fn relay(
         let mut pending = from_client;
         loop {
             let mut at = 0;
+            let mut out = Vec::with_capacity(pending.len());
             while at < pending.len() {
                 let notified = decided.notified();
-                let (n, stop_at) = lock(&state).client.feed(&pending[at..]);
-                if n > 0 {
+                out.clear();
+                let (taken, stop_at) = lock(&state).client.feed(&pending[at..], &mut out);
+                at += taken;
+                if !out.is_empty() {
                     up_write
-                        .write_all(&pending[at..at + n])
+                        .write_all(&out)
                         .await
                         .map_err(|e| RelayEnd::TcpFailed(e.kind()))?;
                     // TLS keeps records it could not write until flushed.
@@ -882,30 +901,33 @@ async fn relay(
                         .flush()
                         .await
                         .map_err(|e| RelayEnd::TcpFailed(e.kind()))?;
-                    at += n;
-                    uploaded.fetch_add(n as u64, Ordering::Relaxed);
+                    uploaded.fetch_add(out.len() as u64, Ordering::Relaxed);
                 }
-                match stop_at {
-                    None => {}
+                let reason = match stop_at {
+                    None => continue,
                     Some(watch::Stop::Await) => {
                         tokio::select! {
                             () = notified => {}
                             () = stop.cancelled() => return Ok(()),
                         }
+                        continue;
                     }
                     Some(watch::Stop::Forbidden(name, why)) => {
-                        let reason = format!("{name} is not available through Postern: it {why}");
-                        (session.audit)(
-                            ImapStep::CommandRefuse,
-                            session.logged_in.get().map(|c| c.name.as_str()),
-                            Some(&reason),
-                            &[],
-                        );
-                        lock(&state).ending = Some(reason);
-                        stop.cancel();
-                        return Ok(());
+                        format!("{name} is not available through Postern: it {why}")
                     }
-                }
+                    Some(watch::Stop::Malformed(what)) => {
+                        format!("Postern ended the session: {what}")
+                    }
+                };
+                (session.audit)(
+                    ImapStep::CommandRefuse,
+                    session.logged_in.get().map(|c| c.name.as_str()),
+                    Some(&reason),
+                    &[],
+                );
+                lock(&state).ending = Some(reason);
+                stop.cancel();
+                return Ok(());
             }
             let chunk = tokio::select! {
                 chunk = recv.read_chunk(CHUNK, true) => chunk,

@@ -199,9 +199,14 @@ impl Reader {
             if self.size > self.limits.command {
                 return Some(self.fail("command too long"));
             }
-            let Some(marker) = literal_marker(&line) else {
-                self.parts.push(line);
-                return Some(self.complete());
+            let marker = match literal_marker(&line) {
+                None => {
+                    self.parts.push(line);
+                    return Some(self.complete());
+                }
+                Some(Ok(marker)) => marker,
+                // Sent without waiting or not, its end cannot be followed.
+                Some(Err(())) => return Some(self.fail("literal too large")),
             };
             if let Some(event) = self.literal_announced(line, marker) {
                 return Some(event);

@@ -66,9 +66,11 @@ pub fn quoted(bytes: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A literal marker (`{n}`, `{n+}`, `~{n}`) at the end of `line`: where it starts, the length,
-/// whether the sender waits for a continuation, and whether it is a binary literal.
-pub(crate) fn literal_marker(line: &[u8]) -> Option<Marker> {
+/// A literal marker (`{n}`, `{n+}`, `~{n}`) at the end of `line`, read as leniently as a server
+/// might (any number of digits, leading zeros): where it starts, the length, whether the sender
+/// waits for a continuation, and whether it is a binary literal. `Some(Err(()))` for a marker
+/// whose length is out of range (more than 2³² − 1).
+pub(crate) fn literal_marker(line: &[u8]) -> Option<Result<Marker, ()>> {
     let inner_end = line.len().checked_sub(1)?;
     if line[inner_end] != b'}' {
         return None;
@@ -82,22 +84,26 @@ pub(crate) fn literal_marker(line: &[u8]) -> Option<Marker> {
         }
         _ => true,
     };
-    if digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let len = digits
+    let significant = &digits[digits.iter().take_while(|&&d| d == b'0').count()..];
+    if significant.len() > 10 {
+        return Some(Err(()));
+    }
+    let len = significant
         .iter()
         .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
     if len > u64::from(u32::MAX) {
-        return None;
+        return Some(Err(()));
     }
     let binary = open > 0 && line[open - 1] == b'~';
-    Some(Marker {
+    Some(Ok(Marker {
         start: if binary { open - 1 } else { open },
         len,
         sync,
         binary,
-    })
+    }))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,22 +120,24 @@ mod tests {
 
     #[test]
     fn finds_literal_markers() {
-        let m = literal_marker(b"a LOGIN {5}").unwrap();
-        assert_eq!((m.start, m.len, m.sync, m.binary), (8, 5, true, false));
-        let m = literal_marker(b"a LOGIN alice {12+}").unwrap();
-        assert_eq!((m.start, m.len, m.sync, m.binary), (14, 12, false, false));
-        let m = literal_marker(b"a APPEND x ~{3}").unwrap();
-        assert!(m.binary);
-        for line in [
-            &b"a LOGIN x}"[..],
-            b"a {}",
-            b"a {+}",
-            b"a {1a}",
-            b"a {99999999999}",
-            b"}",
-            b"",
-        ] {
-            assert_eq!(literal_marker(line), None, "{line:?}");
+        let marker = |line: &[u8]| {
+            literal_marker(line).map(|m| m.map(|m| (m.start, m.len, m.sync, m.binary)))
+        };
+        assert_eq!(marker(b"a LOGIN {5}"), Some(Ok((8, 5, true, false))));
+        assert_eq!(
+            marker(b"a LOGIN alice {12+}"),
+            Some(Ok((14, 12, false, false)))
+        );
+        assert_eq!(marker(b"a APPEND x ~{3}"), Some(Ok((11, 3, true, true))));
+        // As leniently as a server reads it.
+        assert_eq!(
+            marker(b"a {000000000020+}"),
+            Some(Ok((2, 20, false, false)))
+        );
+        assert_eq!(marker(b"a {99999999999}"), Some(Err(())));
+        assert_eq!(marker(b"a {4294967296}"), Some(Err(())));
+        for line in [&b"a LOGIN x}"[..], b"a {}", b"a {+}", b"a {1a}", b"}", b""] {
+            assert_eq!(marker(line), None, "{line:?}");
         }
     }
 

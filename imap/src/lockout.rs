@@ -65,6 +65,11 @@ impl<K: Hash + Eq + Clone> Lockout<K> {
             locked_until: None,
             last_seen: now,
         });
+        let quiet = now.saturating_duration_since(entry.last_seen);
+        if quiet > rules.window.saturating_add(rules.max_lock) {
+            // Long enough without trouble: the next lock starts short again.
+            entry.locks = 0;
+        }
         if now.saturating_duration_since(entry.first_failure) > rules.window {
             entry.failures = 0;
         }
@@ -82,7 +87,8 @@ impl<K: Hash + Eq + Clone> Lockout<K> {
             .map_or(rules.max_lock, |l| l.min(rules.max_lock));
         entry.failures = 0;
         entry.locks += 1;
-        entry.locked_until = Some(now + lock);
+        // Configured locks are at most days long; an instant that far off cannot overflow.
+        entry.locked_until = Some(now.checked_add(lock).unwrap_or(now));
         Some(lock)
     }
 
@@ -168,6 +174,21 @@ mod tests {
         lockout.fail(&"alice", t0 + Duration::from_secs(601));
         lockout.succeed(&"alice");
         assert_eq!(lockout.fail(&"alice", t0 + Duration::from_secs(602)), None);
+    }
+
+    #[test]
+    fn locks_grow_shorter_again_after_a_quiet_time() {
+        let t0 = Instant::now();
+        let mut lockout = Lockout::new(RULES);
+        for _ in 0..6 {
+            lockout.fail(&"alice", t0);
+        }
+        assert_eq!(lockout.locked(&"alice", t0), Some(Duration::from_secs(120)));
+        let later = t0 + Duration::from_secs(2000);
+        for _ in 0..2 {
+            lockout.fail(&"alice", later);
+        }
+        assert_eq!(lockout.fail(&"alice", later), Some(Duration::from_secs(60)));
     }
 
     #[test]

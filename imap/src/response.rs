@@ -95,7 +95,8 @@ impl Reader {
             let line = &self.input[self.scanned..line_end];
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             match literal_marker(line) {
-                Some(marker) if !marker.binary => {
+                Some(Err(())) => return Err(ResponseError::TooLarge),
+                Some(Ok(marker)) if !marker.binary => {
                     self.literal =
                         usize::try_from(marker.len).map_err(|_| ResponseError::TooLarge)?;
                     self.scanned = line_end + 1;
@@ -202,11 +203,15 @@ fn capability_span(line: &[u8]) -> Option<(usize, usize)> {
     // Only after a status: `* OK [CAPABILITY …]`, `tag OK [CAPABILITY …]`.
     status(second)?;
     let code = b"[CAPABILITY ";
-    if upper.get(rest_at..rest_at + code.len()) != Some(&code[..]) {
+    if upper[..text_end].get(rest_at..rest_at + code.len()) != Some(&code[..]) {
         return None;
     }
     let start = rest_at + code.len();
-    let end = start + upper[start..text_end].iter().position(|&b| b == b']')?;
+    let end = start
+        + upper
+            .get(start..text_end)?
+            .iter()
+            .position(|&b| b == b']')?;
     Some((start, end))
 }
 
@@ -275,6 +280,8 @@ mod tests {
             rewrite_capabilities(b"* OK [ALERT] UNAUTHENTICATE\r\n", drop_unauth),
             b"* OK [ALERT] UNAUTHENTICATE\r\n"
         );
+        // A line end inside the status gives no list (and no panic).
+        assert!(capabilities(b"* OK\r[CAPABILITY X]\r\n").is_empty());
         assert_eq!(
             capabilities(b"* OK [CAPABILITY IMAP4rev1 sasl-ir] hi\r\n"),
             vec![b"IMAP4REV1".to_vec(), b"SASL-IR".to_vec()]

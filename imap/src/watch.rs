@@ -1,25 +1,36 @@
 //! Following an IMAP session after login without keeping it.
 //!
-//! The broker copies bytes once the login succeeded, but it still frames both directions:
-//! [`Client`] finds where each command starts, so that commands that would undo the login
-//! binding (`UNAUTHENTICATE`, `COMPRESS` which would hide the framing, another `LOGIN`) are
-//! stopped before their line ends; [`Server`] finds where each response ends, removes those
-//! capabilities from what the client is told, and lets the broker end a session between two
+//! The broker copies bytes once the login succeeded, but it still frames both directions, so
+//! that no command that would undo the login binding reaches the server: `UNAUTHENTICATE` (a
+//! second, unchecked login), `COMPRESS` (which would hide the framing from here on), another
+//! `LOGIN` or `AUTHENTICATE`, `STARTTLS`. It also lets the broker end a session between two
 //! responses with `* BYE`.
 //!
-//! Both sides must agree on where literals are. A synchronising literal (`{n}`) is sent only
-//! after the server's `+`; when the server refuses it with a tagged answer instead, the bytes that
-//! follow are commands. So while a client's literal waits, [`Client`] holds the client's bytes
-//! until [`Server`] has seen which of the two the server answered.
+//! The client side and the server must agree on where each command starts, so the watch is
+//! strict rather than clever; what it cannot follow with certainty ends the session:
+//! - A command line is held until its tag and name are known, and forwarded only if the name is
+//!   allowed: a forbidden line never reaches the server, not even in part.
+//! - Lock-step: after a line that waits for a continuation (a synchronising literal `{n}`, or
+//!   `IDLE`), nothing more from the client is forwarded until the server has answered that
+//!   command, with `+` (the literal follows, or IDLE runs) or with its tagged reply (it does
+//!   not). Tags of commands in flight must be unique, so a reply names one command.
+//! - Non-synchronising literals (`{n+}`), which a server that rejects the command would read
+//!   as commands, end the session; `LITERAL+` is removed from what the client is told.
+//! - Control characters in a command line, tags longer than a client would send, `IDLE` with
+//!   arguments and literal lengths out of range end the session.
 
-use crate::literal_marker;
+use std::collections::HashSet;
+
+use crate::{is_astring_char, is_atom_char, literal_marker};
 
 /// Longest response line the server side keeps to rewrite; longer lines pass unchanged.
 const MAX_LINE: usize = 8 * 1024;
-/// Bytes of a command line kept to find its tag and name.
+/// Longest tag and command name together that a command line may start with.
 const HEAD: usize = 96;
-/// Bytes at the end of a line kept to find a literal marker (`~{4294967295+}` is 14).
-const TAIL: usize = 16;
+/// Bytes at the end of a line kept to find a literal marker; longer markers are malformed.
+const TAIL: usize = 32;
+/// Commands in flight at once (pipelining); more ends the session.
+const MAX_IN_FLIGHT: usize = 1024;
 
 /// Commands refused after login, with why.
 pub const FORBIDDEN: &[(&str, &str)] = &[
@@ -33,176 +44,259 @@ pub const FORBIDDEN: &[(&str, &str)] = &[
     ("STARTTLS", "the session is already encrypted"),
 ];
 
-/// Whether a capability is hidden from the client: the commands of [`FORBIDDEN`].
+/// Whether a capability is hidden from the client after login: those of the commands in
+/// [`FORBIDDEN`], and non-synchronising literals.
 pub fn hidden(capability: &[u8]) -> bool {
     let upper = capability.to_ascii_uppercase();
-    upper == b"UNAUTHENTICATE" || upper == b"STARTTLS" || upper.starts_with(b"COMPRESS=")
+    matches!(
+        &upper[..],
+        b"UNAUTHENTICATE" | b"STARTTLS" | b"LITERAL+" | b"LITERAL-" | b"LOGINDISABLED" | b"SASL-IR"
+    ) || upper.starts_with(b"COMPRESS=")
+        || upper.starts_with(b"AUTH=")
 }
 
 /// Why the client's bytes stopped being forwarded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stop {
-    /// A synchronising literal waits for the server's answer: forward nothing more from the
-    /// client until [`Server`] has seen it.
+    /// A command waits for the server's answer: forward nothing more from the client until
+    /// [`Server`] has seen it.
     Await,
-    /// A command of [`FORBIDDEN`]: its line must not reach the server.
+    /// A command of [`FORBIDDEN`], with why: its line must not reach the server.
     Forbidden(&'static str, &'static str),
+    /// Something the watch cannot follow with certainty: end the session.
+    Malformed(&'static str),
+}
+
+/// What the server has yet to answer before more client bytes may pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Waiting {
+    /// A synchronising literal of this length.
+    Literal { tag: Vec<u8>, len: u64 },
+    /// `IDLE`.
+    Idle { tag: Vec<u8> },
+}
+
+/// Where the client side is within a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Line {
+    /// At the start of a command: its head is held until the name is known.
+    #[default]
+    Head,
+    /// In a command line whose name was allowed, or in its continuation after a literal.
+    Rest,
+    /// In the line that ends an `IDLE` (`DONE`): no command, no literal.
+    IdleEnd,
 }
 
 /// The client's side of a session after login.
 #[derive(Debug, Default)]
 pub struct Client {
-    literal: u64,
-    awaiting: Option<(Vec<u8>, u64)>,
+    line: Line,
+    /// The start of the current command line, held until its name is known.
     head: Vec<u8>,
+    /// The end of the current line, for its literal marker.
     tail: Vec<u8>,
-    /// Whether the current line continues a command after a literal.
-    continued: bool,
-    /// The command this line belongs to.
+    /// Literal bytes still to pass.
+    literal: u64,
+    /// The tag of the current command.
     tag: Vec<u8>,
-    /// The current line ends an `IDLE`: it is not a command and holds no literal.
-    idle_terminator: bool,
-    /// An `IDLE` was sent and its `+` has not been seen yet.
-    idle_plus: Option<Vec<u8>>,
-    /// After a line's name was checked, the rest of it is not inspected byte by byte.
-    name_checked: bool,
     /// The current line is an `IDLE` command.
-    idle_line: bool,
+    idle: bool,
+    waiting: Option<Waiting>,
+    in_flight: HashSet<Vec<u8>>,
 }
 
 impl Client {
-    /// How many of `bytes` may be forwarded to the server now, and why not all, if not all.
-    pub fn feed(&mut self, bytes: &[u8]) -> (usize, Option<Stop>) {
+    /// Takes `bytes` from the client and appends to `out` what may be forwarded to the server
+    /// now. Returns how many of `bytes` were taken, and why not all, if not all: the rest is
+    /// fed again after [`Stop::Await`]; after any other stop the session ends.
+    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> (usize, Option<Stop>) {
         let mut at = 0;
         while at < bytes.len() {
-            if self.awaiting.is_some() {
+            if self.waiting.is_some() {
                 return (at, Some(Stop::Await));
             }
             if self.literal > 0 {
                 let take = usize::try_from(self.literal)
                     .unwrap_or(usize::MAX)
                     .min(bytes.len() - at);
+                out.extend_from_slice(&bytes[at..at + take]);
                 at += take;
                 self.literal -= take as u64;
                 continue;
             }
-            if !self.name_checked && !self.continued {
-                let b = bytes[at];
-                if let Some(stop) = self.head_byte(b) {
-                    return (at, Some(stop));
-                }
-                at += 1;
-                if b == b'\n' {
-                    self.end_line();
+            if self.line == Line::Head {
+                match self.head_byte(bytes[at], out) {
+                    Ok(()) => at += 1,
+                    Err(stop) => return (at, Some(stop)),
                 }
                 continue;
             }
             let rest = &bytes[at..];
-            match rest.iter().position(|&b| b == b'\n') {
-                Some(end) => {
-                    self.remember_tail(&rest[..end]);
-                    at += end + 1;
-                    self.end_line();
-                }
-                None => {
-                    self.remember_tail(rest);
-                    at = bytes.len();
-                }
+            let end = rest.iter().position(|&b| b == b'\n');
+            let piece = &rest[..end.map_or(rest.len(), |e| e + 1)];
+            if piece.iter().any(|&b| is_control(b)) {
+                return (
+                    at,
+                    Some(Stop::Malformed("a control character in a command")),
+                );
+            }
+            out.extend_from_slice(piece);
+            self.remember(piece);
+            at += piece.len();
+            if end.is_some()
+                && let Err(stop) = self.end_line()
+            {
+                return (at, Some(stop));
             }
         }
-        let stop = self.awaiting.is_some().then_some(Stop::Await);
+        let stop = self.waiting.is_some().then_some(Stop::Await);
         (at, stop)
+    }
+
+    /// Whether a command waits for the server's answer.
+    pub fn is_waiting(&self) -> bool {
+        self.waiting.is_some()
     }
 
     /// The server sent a `+` continuation.
     fn continuation(&mut self) {
-        if self.idle_plus.take().is_some() {
-            return;
-        }
-        if let Some((_, len)) = self.awaiting.take() {
-            self.literal = len;
+        match self.waiting.take() {
+            Some(Waiting::Literal { len, .. }) => self.literal = len,
+            Some(Waiting::Idle { .. }) => self.line = Line::IdleEnd,
+            // Lock-step: no client byte passed since; nothing to re-read.
+            None => {}
         }
     }
 
-    /// The server completed the command tagged `tag`.
+    /// The server answered the command tagged `tag`.
     fn tagged(&mut self, tag: &[u8]) {
-        if self.idle_plus.as_deref() == Some(tag) {
-            self.idle_plus = None;
-            self.idle_terminator = false;
-        }
-        if self.awaiting.as_ref().is_some_and(|(t, _)| t == tag) {
-            // The literal was refused and will not be sent.
-            self.awaiting = None;
-            self.continued = false;
+        self.in_flight.remove(tag);
+        let waits_for_it = match &self.waiting {
+            Some(Waiting::Literal { tag: t, .. } | Waiting::Idle { tag: t }) => t == tag,
+            None => false,
+        };
+        if waits_for_it {
+            // Refused before its literal, or IDLE refused: what follows is a new command.
+            self.waiting = None;
+            self.line = Line::Head;
         }
     }
 
-    /// Looks at one byte of the start of a command line; stops before the byte that ends a
-    /// forbidden command's name.
-    fn head_byte(&mut self, b: u8) -> Option<Stop> {
-        let ends_word = matches!(b, b' ' | b'\r' | b'\n');
-        if ends_word {
-            let mut words = self.head.split(|&c| c == b' ');
-            if let (Some(tag), Some(name), None) = (words.next(), words.next(), words.next())
-                && !name.is_empty()
-            {
-                self.name_checked = true;
-                self.tag = tag.to_vec();
-                let upper = name.to_ascii_uppercase();
-                if let Some((name, why)) = FORBIDDEN.iter().find(|(n, _)| n.as_bytes() == upper) {
-                    return Some(Stop::Forbidden(name, why));
+    /// One byte of the start of a command line, held in `head` until the name is known.
+    fn head_byte(&mut self, b: u8, out: &mut Vec<u8>) -> Result<(), Stop> {
+        if is_control(b) {
+            return Err(Stop::Malformed("a control character in a command"));
+        }
+        let tag_end = self.head.iter().position(|&c| c == b' ');
+        let name_ended = match tag_end {
+            None if b == b' ' || b == b'\r' || b == b'\n' => {
+                if b != b' ' || self.head.is_empty() {
+                    return Err(Stop::Malformed("a command without a tag"));
                 }
-                if upper == b"IDLE" && b != b' ' {
-                    self.idle_plus = Some(tag.to_vec());
-                    self.idle_line = true;
-                }
+                false
             }
-        }
-        if self.head.len() >= HEAD {
-            self.name_checked = true;
-        } else if b != b'\r' && b != b'\n' {
+            None if !is_astring_char(b) || b == b'+' => {
+                return Err(Stop::Malformed("a command tag IMAP does not allow"));
+            }
+            None => false,
+            // The name is a run of atom characters; whatever else follows ends it.
+            Some(_) => !is_atom_char(b),
+        };
+        if !name_ended {
+            if self.head.len() >= HEAD {
+                return Err(Stop::Malformed(
+                    "a command tag or name longer than clients send",
+                ));
+            }
             self.head.push(b);
+            return Ok(());
         }
-        self.remember_tail(&[b]);
-        None
+        let tag_end = tag_end.unwrap_or_default();
+        let (tag, name) = (&self.head[..tag_end], &self.head[tag_end + 1..]);
+        if name.is_empty() {
+            return Err(Stop::Malformed("a command without a name"));
+        }
+        let upper = name.to_ascii_uppercase();
+        if let Some((name, why)) = FORBIDDEN.iter().find(|(n, _)| n.as_bytes() == upper) {
+            return Err(Stop::Forbidden(name, why));
+        }
+        if upper == b"IDLE" {
+            if b != b'\r' && b != b'\n' {
+                return Err(Stop::Malformed("IDLE with arguments"));
+            }
+            self.idle = true;
+        }
+        if !self.in_flight.insert(tag.to_vec()) {
+            return Err(Stop::Malformed(
+                "a tag reused while its command is still running",
+            ));
+        }
+        if self.in_flight.len() > MAX_IN_FLIGHT {
+            return Err(Stop::Malformed("too many commands in flight"));
+        }
+        self.tag = tag.to_vec();
+        out.extend_from_slice(&self.head);
+        self.remember(&self.head.clone());
+        self.head.clear();
+        self.line = Line::Rest;
+        // The byte that ended the name is the first of the rest of the line.
+        out.push(b);
+        self.remember(&[b]);
+        if b == b'\n' {
+            self.end_line()?;
+        }
+        Ok(())
     }
 
-    fn remember_tail(&mut self, bytes: &[u8]) {
-        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+    fn remember(&mut self, bytes: &[u8]) {
         self.tail
             .extend_from_slice(&bytes[bytes.len().saturating_sub(TAIL)..]);
         let excess = self.tail.len().saturating_sub(TAIL);
         self.tail.drain(..excess);
     }
 
-    fn end_line(&mut self) {
+    /// The line just ended: a literal to come, a command complete, or an IDLE begun.
+    fn end_line(&mut self) -> Result<(), Stop> {
         let tail = std::mem::take(&mut self.tail);
-        let tail = tail.strip_suffix(b"\n").unwrap_or(&tail);
-        let tail = tail.strip_suffix(b"\r").unwrap_or(tail);
-        let was_terminator = std::mem::take(&mut self.idle_terminator);
-        let marker = if was_terminator {
-            None
-        } else {
-            literal_marker(tail)
-        };
-        if std::mem::take(&mut self.idle_line) {
-            // The line just ended was the `IDLE` command: the next one ends it.
-            self.idle_terminator = true;
+        let text = tail.strip_suffix(b"\n").unwrap_or(&tail);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        if self.line == Line::IdleEnd {
+            // `DONE` (or whatever the server takes to end IDLE): no literal, whatever it ends in.
+            self.line = Line::Head;
+            return Ok(());
         }
-        self.head.clear();
-        self.name_checked = false;
-        match marker {
-            Some(marker) if marker.sync => {
-                self.awaiting = Some((self.tag.clone(), marker.len));
-                self.continued = true;
+        if std::mem::take(&mut self.idle) {
+            self.waiting = Some(Waiting::Idle {
+                tag: self.tag.clone(),
+            });
+            self.line = Line::Rest;
+            return Ok(());
+        }
+        match literal_marker(text) {
+            None => {
+                self.line = Line::Head;
+                Ok(())
             }
-            Some(marker) => {
-                self.literal = marker.len;
-                self.continued = true;
+            Some(Err(())) => Err(Stop::Malformed("a literal length out of range")),
+            Some(Ok(marker)) if !marker.sync => Err(Stop::Malformed(
+                "a literal sent without waiting (LITERAL+) after login",
+            )),
+            Some(Ok(marker)) => {
+                self.waiting = Some(Waiting::Literal {
+                    tag: self.tag.clone(),
+                    len: marker.len,
+                });
+                self.line = Line::Rest;
+                Ok(())
             }
-            None => self.continued = false,
         }
     }
+}
+
+/// A control character a command line must not hold (CR and LF end lines).
+fn is_control(b: u8) -> bool {
+    (b < 0x20 && b != b'\r' && b != b'\n') || b == 0x7f
 }
 
 /// The server's side of a session after login.
@@ -212,9 +306,10 @@ pub struct Server {
     line: Vec<u8>,
     /// The current line is longer than [`MAX_LINE`] and passes unchanged.
     overlong: bool,
-    tail: Vec<u8>,
     /// Whether the current line continues a response after a literal.
     continued: bool,
+    /// Whether the current response may announce literals (untagged data, not a status).
+    data: bool,
 }
 
 impl Server {
@@ -240,17 +335,19 @@ impl Server {
             at += piece.len();
             if self.overlong {
                 out.extend_from_slice(piece);
-                self.tail
-                    .extend_from_slice(&piece[piece.len().saturating_sub(TAIL)..]);
-                let excess = self.tail.len().saturating_sub(TAIL + 2);
-                self.tail.drain(..excess);
+                self.line.extend_from_slice(piece);
+                let excess = self.line.len().saturating_sub(TAIL);
+                self.line.drain(..excess);
             } else {
                 self.line.extend_from_slice(piece);
                 if self.line.len() > MAX_LINE {
+                    // Classified from its start; only its end is kept, for a literal marker.
+                    if !self.continued {
+                        self.classify(client);
+                    }
                     out.extend_from_slice(&self.line);
-                    let keep = self.line.len().saturating_sub(TAIL + 2);
-                    self.tail = self.line.split_off(keep);
-                    self.line.clear();
+                    let excess = self.line.len().saturating_sub(TAIL);
+                    self.line.drain(..excess);
                     self.overlong = true;
                 }
             }
@@ -265,23 +362,41 @@ impl Server {
         self.literal == 0 && self.line.is_empty() && !self.overlong && !self.continued
     }
 
+    /// What kind of response the current line starts, and what the client side learns from it.
+    fn classify(&mut self, client: &mut Client) {
+        let line = &self.line;
+        if line.first() == Some(&b'+') {
+            self.data = false;
+            client.continuation();
+            return;
+        }
+        let mut words = line.split(|&b| b == b' ' || b == b'\r' || b == b'\n');
+        let first = words.next().unwrap_or_default();
+        let second = words.next().unwrap_or_default().to_ascii_uppercase();
+        let status = matches!(&second[..], b"OK" | b"NO" | b"BAD" | b"BYE" | b"PREAUTH");
+        if first == b"*" {
+            // Status responses carry text, never a literal (RFC 9051, resp-text).
+            self.data = !status;
+        } else {
+            self.data = false;
+            client.tagged(first);
+        }
+    }
+
     fn end_line(&mut self, out: &mut Vec<u8>, client: &mut Client) {
-        let line = std::mem::take(&mut self.line);
         let overlong = std::mem::take(&mut self.overlong);
-        let tail = std::mem::take(&mut self.tail);
-        let ending = if overlong { &tail[..] } else { &line[..] };
-        let ending = ending.strip_suffix(b"\n").unwrap_or(ending);
-        let ending = ending.strip_suffix(b"\r").unwrap_or(ending);
-        let marker = literal_marker(ending);
+        if !overlong && !self.continued {
+            self.classify(client);
+        }
+        let line = std::mem::take(&mut self.line);
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        let marker = if self.data {
+            literal_marker(text).and_then(Result::ok)
+        } else {
+            None
+        };
         if !overlong {
-            if !self.continued {
-                if line.first() == Some(&b'+') {
-                    client.continuation();
-                } else if line.first() != Some(&b'*') {
-                    let end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
-                    client.tagged(&line[..end]);
-                }
-            }
             if marker.is_none() && !self.continued {
                 out.extend_from_slice(&crate::response::rewrite_capabilities(&line, |c| {
                     !hidden(c)
@@ -309,8 +424,7 @@ mod tests {
     fn client(watch: &mut Client, input: &[u8], step: usize) -> (Vec<u8>, Option<Stop>) {
         let mut forwarded = Vec::new();
         for piece in input.chunks(step.max(1)) {
-            let (n, stop) = watch.feed(piece);
-            forwarded.extend_from_slice(&piece[..n]);
+            let (_, stop) = watch.feed(piece, &mut forwarded);
             if stop.is_some() {
                 return (forwarded, stop);
             }
@@ -324,8 +438,16 @@ mod tests {
         out
     }
 
+    fn forbidden(stop: &Option<Stop>, name: &str) -> bool {
+        matches!(stop, Some(Stop::Forbidden(n, _)) if *n == name)
+    }
+
+    fn malformed(stop: &Option<Stop>) -> bool {
+        matches!(stop, Some(Stop::Malformed(_)))
+    }
+
     #[test]
-    fn stops_forbidden_commands_before_their_line_ends() {
+    fn a_forbidden_command_never_reaches_the_server_even_in_part() {
         for step in [1, 3, 1000] {
             let mut watch = Client::default();
             let (sent, stop) = client(
@@ -333,25 +455,48 @@ mod tests {
                 b"a NOOP\r\nb unauthenticate\r\nc LOGIN bob pw\r\n",
                 step,
             );
-            assert_eq!(sent, b"a NOOP\r\nb unauthenticate");
-            assert!(matches!(stop, Some(Stop::Forbidden("UNAUTHENTICATE", _))));
-            let mut watch = Client::default();
-            let (sent, stop) = client(&mut watch, b"x COMPRESS DEFLATE\r\n", step);
-            assert_eq!(sent, b"x COMPRESS");
-            assert!(matches!(stop, Some(Stop::Forbidden("COMPRESS", _))));
+            assert_eq!(sent, b"a NOOP\r\n");
+            assert!(forbidden(&stop, "UNAUTHENTICATE"), "{stop:?}");
+            for (input, name) in [
+                (&b"x COMPRESS DEFLATE\r\n"[..], "COMPRESS"),
+                (b"x LOGIN{5}\r\n", "LOGIN"),
+                (b"x Compress(\r\n", "COMPRESS"),
+                (b"x AUTHENTICATE PLAIN\r\n", "AUTHENTICATE"),
+            ] {
+                let mut watch = Client::default();
+                let (sent, stop) = client(&mut watch, input, step);
+                assert!(sent.is_empty(), "{input:?}");
+                assert!(forbidden(&stop, name), "{input:?}: {stop:?}");
+            }
         }
     }
 
     #[test]
-    fn skips_literals_without_looking_inside() {
-        let input = b"a APPEND INBOX {20+}\r\nb UNAUTHENTICATE\r\n\r\nc NOOP\r\n";
+    fn what_cannot_be_followed_ends_the_session() {
+        for input in [
+            &b"a UNAUTHENTICATE\0\r\n"[..],
+            b"a NOOP\x01\r\n",
+            b"a IDLE {5}\r\n",
+            b"a XYZZY {20+}\r\nb COMPRESS DEFLATE\r\n",
+            b"a APPEND INBOX {99999999999}\r\n",
+            b" NOOP\r\n",
+            b"a\"b NOOP\r\n",
+            b"a NOOP\r\na NOOP\r\n",
+        ] {
+            let mut watch = Client::default();
+            let (_, stop) = client(&mut watch, input, 7);
+            assert!(malformed(&stop), "{input:?}: {stop:?}");
+        }
+        let mut long = vec![b'a'; 120];
+        long.extend_from_slice(b" UNAUTHENTICATE\r\n");
         let mut watch = Client::default();
-        let (sent, stop) = client(&mut watch, input, 5);
-        assert_eq!((sent.as_slice(), stop), (&input[..], None));
+        let (sent, stop) = client(&mut watch, &long, 9);
+        assert!(sent.is_empty());
+        assert!(malformed(&stop));
     }
 
     #[test]
-    fn holds_a_synchronising_literal_until_the_server_decides() {
+    fn literal_bytes_pass_unread_once_the_server_asked_for_them() {
         let mut watch = Client::default();
         let mut replies = Server::default();
         let (sent, stop) = client(&mut watch, b"a APPEND INBOX {15}\r\nb UNAUTHENTICATE", 100);
@@ -359,42 +504,77 @@ mod tests {
             (sent.as_slice(), stop),
             (&b"a APPEND INBOX {15}\r\n"[..], Some(Stop::Await))
         );
-        // Accepted: the held bytes are the literal.
         server(&mut replies, &mut watch, b"+ Ready\r\n");
+        // The server reads the 15 bytes as the message, and so does the watch.
         let (sent, stop) = client(&mut watch, b"b UNAUTHENTICATE\r\nc NOOP\r\n", 100);
         assert_eq!((sent.len(), stop), (26, None));
-
-        // Refused: the held bytes are a command.
-        let mut watch = Client::default();
-        client(&mut watch, b"a APPEND INBOX {15}\r\n", 100);
-        server(
-            &mut replies,
-            &mut watch,
-            b"* 3 EXISTS\r\nz OK earlier\r\na NO [TOOBIG] no\r\n",
-        );
-        let (sent, stop) = client(&mut watch, b"b UNAUTHENTICATE\r\n", 100);
-        assert_eq!(sent, b"b UNAUTHENTICATE");
-        assert!(matches!(stop, Some(Stop::Forbidden(..))));
     }
 
     #[test]
-    fn an_idle_continuation_is_not_a_literal_go_ahead() {
+    fn a_refused_literal_leaves_the_next_bytes_to_be_read_as_a_command() {
         let mut watch = Client::default();
         let mut replies = Server::default();
-        let (_, stop) = client(&mut watch, b"a IDLE\r\nDONE\r\nb APPEND x {5}\r\n", 100);
-        assert_eq!(stop, Some(Stop::Await));
-        server(
-            &mut replies,
-            &mut watch,
-            b"+ idling\r\na OK done\r\nb NO no\r\n",
-        );
-        let (sent, stop) = client(&mut watch, b"c UNAUTHENTICATE\r\n", 100);
-        assert_eq!(sent, b"c UNAUTHENTICATE");
-        assert!(matches!(stop, Some(Stop::Forbidden(..))));
-        // The line ending an IDLE holds no literal, whatever it ends in.
+        client(&mut watch, b"z NOOP\r\na APPEND INBOX {15}\r\n", 100);
+        // Another command's reply does not count; the refusal of this one does.
+        server(&mut replies, &mut watch, b"* 3 EXISTS\r\nz OK done\r\n");
+        assert!(watch.is_waiting());
+        server(&mut replies, &mut watch, b"a NO [TOOBIG] no\r\n");
+        assert!(!watch.is_waiting());
+        let (sent, stop) = client(&mut watch, b"b UNAUTHENTICATE\r\n", 100);
+        assert!(sent.is_empty());
+        assert!(forbidden(&stop, "UNAUTHENTICATE"));
+    }
+
+    #[test]
+    fn idle_waits_for_its_own_continuation() {
         let mut watch = Client::default();
-        let (_, stop) = client(&mut watch, b"a IDLE\r\nx {5}\r\nb NOOP\r\n", 100);
+        let mut replies = Server::default();
+        // Nothing passes behind IDLE until the server has answered it.
+        let (sent, stop) = client(&mut watch, b"a IDLE\r\nDONE\r\nb IDLE\r\n", 100);
+        assert_eq!(
+            (sent.as_slice(), stop),
+            (&b"a IDLE\r\n"[..], Some(Stop::Await))
+        );
+        server(&mut replies, &mut watch, b"+ idling\r\n");
+        let (sent, stop) = client(
+            &mut watch,
+            b"DONE\r\nb IDLE\r\nDONE\r\nc XYZZY {20}\r\n",
+            100,
+        );
+        assert_eq!(
+            (sent.as_slice(), stop),
+            (&b"DONE\r\nb IDLE\r\n"[..], Some(Stop::Await))
+        );
+        server(&mut replies, &mut watch, b"a OK done\r\n+ idling\r\n");
+        let (sent, stop) = client(
+            &mut watch,
+            b"DONE\r\nc XYZZY {20}\r\nd COMPRESS DEFLATE\r\n",
+            100,
+        );
+        assert_eq!(
+            (sent.as_slice(), stop),
+            (&b"DONE\r\nc XYZZY {20}\r\n"[..], Some(Stop::Await))
+        );
+        // The unknown command is refused: the bytes behind it are a command.
+        server(&mut replies, &mut watch, b"b OK done\r\nc BAD unknown\r\n");
+        let (_, stop) = client(&mut watch, b"d COMPRESS DEFLATE\r\n", 100);
+        assert!(forbidden(&stop, "COMPRESS"));
+        // The line that ends an IDLE holds no literal, whatever it ends in.
+        let mut watch = Client::default();
+        client(&mut watch, b"a IDLE\r\n", 100);
+        server(&mut replies, &mut watch, b"+ idling\r\n");
+        let (_, stop) = client(&mut watch, b"x {5}\r\nb NOOP\r\n", 100);
         assert_eq!(stop, None);
+    }
+
+    #[test]
+    fn a_carriage_return_split_from_its_marker_does_not_hide_it() {
+        let mut watch = Client::default();
+        let (_, stop) = client(&mut watch, b"a APPEND INBOX {20\r+}\r\n", 19);
+        assert_eq!(stop, None, "`{{20\\r+}}` is no marker");
+        let mut watch = Client::default();
+        let (_, stop) = client(&mut watch, b"a APPEND INBOX {20+}\r\n", 19);
+        assert!(malformed(&stop));
     }
 
     #[test]
@@ -404,7 +584,7 @@ mod tests {
         let out = server(
             &mut replies,
             &mut watch,
-            b"* CAPABILITY IMAP4rev1 IDLE UNAUTHENTICATE COMPRESS=DEFLATE\r\n* 1 FETCH (BODY[] {9}\r\n* CAPABI",
+            b"* CAPABILITY IMAP4rev1 IDLE UNAUTHENTICATE COMPRESS=DEFLATE LITERAL+\r\n* 1 FETCH (BODY[] {9}\r\n* CAPABI",
         );
         assert_eq!(
             out,
@@ -419,11 +599,20 @@ mod tests {
         assert!(!replies.at_boundary());
         server(&mut replies, &mut watch, b" {3}\r\nabc\r\n");
         assert!(replies.at_boundary());
+        // A status response's text never announces a literal, whatever it echoes.
+        server(
+            &mut replies,
+            &mut watch,
+            b"a NO Mailbox doesn't exist: x{9}\r\n",
+        );
+        assert!(replies.at_boundary());
+        server(&mut replies, &mut watch, b"* OK [ALERT] x{9}\r\n");
+        assert!(replies.at_boundary());
     }
 
     proptest::proptest! {
         #[test]
-        fn forwards_every_byte_or_stops(input in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096), step in 1usize..64) {
+        fn forwards_a_prefix_or_stops(input in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096), step in 1usize..64) {
             let mut watch = Client::default();
             let mut replies = Server::default();
             let (sent, _) = client(&mut watch, &input, step);

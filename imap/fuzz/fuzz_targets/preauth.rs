@@ -44,9 +44,17 @@ fuzz_target!(|data: &[u8]| {
     let mut client = watch::Client::default();
     let mut server = watch::Server::default();
     let mut out = Vec::new();
+    let mut forwarded = Vec::new();
     for piece in [&data[..split], &data[split..]] {
-        let (n, _) = client.feed(piece);
-        assert!(n <= piece.len());
+        let (taken, stop) = client.feed(piece, &mut forwarded);
+        assert!(taken <= piece.len());
+        if stop.is_some() {
+            break;
+        }
+    }
+    // The watch forwards a prefix of what it was given, never anything else.
+    assert!(data.starts_with(&forwarded));
+    for piece in [&data[..split], &data[split..]] {
         server.feed(piece, &mut out, &mut client);
     }
     assert!(out.len() <= data.len());
