@@ -77,6 +77,11 @@ enum Command {
         /// `imap=127.0.0.1:1993` (repeat for several). Loopback addresses only.
         #[arg(long = "listen", value_name = "SERVICE=ADDR", value_parser = parse_listen)]
         listens: Vec<(ServiceName, SocketAddr)>,
+        /// Serve IMAP services as plain IMAP, without TLS, on 127.0.0.1:143 (or the --listen
+        /// address), for mail programs that allow it on loopback. Other users' programs are
+        /// still refused on Linux.
+        #[arg(long)]
+        plain_imap: bool,
     },
     /// Show who this device is, until when, and through which broker.
     Status,
@@ -151,7 +156,10 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Renew => renew(&home),
         Command::Logout => logout(&home),
         Command::Csr { out } => csr(&home, out),
-        Command::Up { listens } => up(&home, &listens),
+        Command::Up {
+            listens,
+            plain_imap,
+        } => up(&home, &listens, plain_imap),
         Command::Status => status(&home),
         Command::Trust { install } => crate::trust::trust(&home, install),
     }
@@ -317,8 +325,18 @@ fn logout(home: &Home) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn up(home: &Home, listens: &[(ServiceName, SocketAddr)]) -> anyhow::Result<()> {
+fn up(home: &Home, listens: &[(ServiceName, SocketAddr)], plain_imap: bool) -> anyhow::Result<()> {
     let mut identity = home.identity()?;
+    let mut listens = listens.to_vec();
+    if plain_imap {
+        for (service, details) in &identity.services {
+            if details.protocol == postern_proto::ServiceKind::Imap
+                && !listens.iter().any(|(name, _)| name == service)
+            {
+                listens.push((service.clone(), SocketAddr::from(([127, 0, 0, 1], 143))));
+            }
+        }
+    }
     let runtime = runtime()?;
     runtime.block_on(async {
         let mut signals = postern_transport::Signals::install();
@@ -328,14 +346,14 @@ fn up(home: &Home, listens: &[(ServiceName, SocketAddr)]) -> anyhow::Result<()> 
                 .await
                 .map_err(crate::login::explain_failure)?;
         }
-        let mut agent = Agent::start(&identity, listens, SystemTime::now())
+        let mut agent = Agent::start(&identity, &listens, SystemTime::now())
             .await?
             .with_renewal(home.clone(), identity.clone());
         let imap = identity
             .services
             .values()
             .any(|s| s.protocol == postern_proto::ServiceKind::Imap);
-        if imap {
+        if imap && !plain_imap {
             let (tls, made) = home.local_tls(SystemTime::now())?;
             if made {
                 eprintln!(

@@ -10,6 +10,7 @@
     reason = "a benchmark that fails stops with the reason"
 )]
 
+mod imap;
 mod latency;
 mod policy;
 mod setup;
@@ -21,7 +22,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 /// Measures Postern against direct TCP, `ssh -L`, stunnel and bare QUIC: bulk throughput, and
-/// connect latency over a warm path; and the cost of policy decisions and re-checks.
+/// connect latency over a warm path; a whole IMAP mailbox fetched directly and through both
+/// kinds of Postern service; and the cost of policy decisions and re-checks.
 #[derive(Debug, Parser)]
 #[command(name = "postern-bench")]
 struct Cli {
@@ -40,7 +42,7 @@ struct Cli {
     /// Live sessions re-checked after a change.
     #[arg(long, default_value_t = 10_000)]
     sessions: usize,
-    /// Run only these parts (repeat): throughput, latency, policy. Default: all.
+    /// Run only these parts (repeat): throughput, latency, imap, policy. Default: all.
     #[arg(long = "only", value_name = "PART")]
     only: Vec<String>,
     /// Also write the results as JSON to this file.
@@ -67,6 +69,11 @@ fn main() -> ExitCode {
             let latency = latency::run(cli.tries).await?;
             tables.push(latency.table());
             json.push(latency.json());
+        }
+        if wanted("imap") {
+            let fetches = imap::run(cli.runs).await?;
+            tables.push(fetches.table());
+            json.push(fetches.json());
         }
         if wanted("policy") {
             let policy = policy::run(cli.decisions, cli.sessions).await?;

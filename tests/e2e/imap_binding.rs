@@ -2,41 +2,141 @@
 //! opened: the broker checks every login against policy before the password reaches the
 //! server, locks out password guessing per identity, and speaks IMAP when it says no.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine as _;
 use postern_tests::{
-    AgentHandle, Dovecot, Gateway, ImapIdle, ImapWire, Message, imap_fetch, imap_fetch_with,
+    AgentHandle, Cyrus, Dovecot, Gateway, ImapIdle, ImapWire, Message, imap_fetch, imap_fetch_with,
 };
 
 const ALICE_PW: &str = "alice-pw";
 const BOB_PW: &str = "bob-pw";
 const SALES_PW: &str = "sales-pw";
 
-/// Dovecot with alice, bob and a shared `sales` mailbox, each with some mail.
-fn mail_server() -> Dovecot {
-    Dovecot::start(&[
+/// Makes each named `async fn<S: MailServer>()` two tests, `NAME::dovecot` and `NAME::cyrus`.
+macro_rules! on_each_server {
+    ($($test:ident),+ $(,)?) => {
+        $(
+            mod $test {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn dovecot() {
+                    super::$test::<postern_tests::Dovecot>().await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn cyrus() {
+                    super::$test::<postern_tests::Cyrus>().await;
+                }
+            }
+        )+
+    };
+}
+
+on_each_server!(
+    ones_own_mailbox_reads_the_same_bytes_with_login_and_authenticate_plain,
+    curl_reads_a_message_through_the_imap_mode,
+    another_persons_mailbox_is_refused_even_with_the_right_password,
+    a_shared_mailbox_opens_for_whom_policy_allows,
+    a_revoked_person_gets_bye_in_the_middle_of_idle,
+    pipelined_logins_are_each_checked_on_their_own,
+    literals_split_across_packets_and_counted_both_ways_are_read_as_the_server_would,
+    authorization_identities_and_other_mechanisms_are_refused,
+    login_names_the_server_could_read_as_someone_else_are_refused,
+    commands_that_would_undo_the_binding_end_the_session_instead_of_reaching_the_server,
+);
+
+/// An IMAP server the binding is tested against, started for one test.
+trait MailServer {
+    /// Starts it with `users` (name, password, messages in INBOX).
+    fn start(users: &[(&str, &str, Vec<Message>)]) -> Self;
+    /// Where it serves IMAPS.
+    fn addr(&self) -> SocketAddr;
+    /// The CA that signed its certificate.
+    fn ca(&self) -> PathBuf;
+    /// What it logged so far.
+    fn logs(&self) -> String;
+    /// Whether its logs show a login attempt as `name`, successful or not.
+    fn saw_login(&self, name: &str) -> bool;
+}
+
+impl MailServer for Dovecot {
+    fn start(users: &[(&str, &str, Vec<Message>)]) -> Self {
+        Dovecot::start(users)
+    }
+
+    fn addr(&self) -> SocketAddr {
+        Dovecot::addr(self)
+    }
+
+    fn ca(&self) -> PathBuf {
+        Dovecot::ca(self)
+    }
+
+    fn logs(&self) -> String {
+        Dovecot::logs(self)
+    }
+
+    fn saw_login(&self, name: &str) -> bool {
+        self.logs().contains(&format!("user=<{name}>"))
+    }
+}
+
+impl MailServer for Cyrus {
+    fn start(users: &[(&str, &str, Vec<Message>)]) -> Self {
+        Cyrus::start(users)
+    }
+
+    fn addr(&self) -> SocketAddr {
+        Cyrus::addr(self)
+    }
+
+    fn ca(&self) -> PathBuf {
+        Cyrus::ca(self)
+    }
+
+    fn logs(&self) -> String {
+        Cyrus::logs(self)
+    }
+
+    fn saw_login(&self, name: &str) -> bool {
+        // `login: localhost [127.0.0.1] bob plaintext+TLS …` and
+        // `badlogin: localhost [127.0.0.1] plaintext+TLS bob …`.
+        self.logs().lines().any(|line| {
+            line.contains("login: ") && line.split_whitespace().any(|word| word == name)
+        })
+    }
+}
+
+/// alice, bob and a shared `sales` mailbox, each with some mail.
+fn mail_server<S: MailServer>() -> S {
+    S::start(&[
         ("alice", ALICE_PW, Message::samples(4, 31)),
         ("bob", BOB_PW, Message::samples(2, 32)),
         ("sales", SALES_PW, Message::samples(2, 33)),
     ])
 }
 
-/// A broker with Dovecot as the IMAP service `mail`: TLS verified against Dovecot's CA, login
-/// names of example.org read as local parts (as this Dovecot's users are), lockout after 2
-/// failures for 2 s.
-async fn imap_gateway(dovecot: &Dovecot, policy: Option<&str>) -> Gateway {
-    imap_gateway_with(dovecot, policy, "").await
+/// A broker with `server` as the IMAP service `mail`: TLS verified against its CA, login names
+/// of example.org read as local parts (as its users are), lockout after 2 failures for 2 s.
+async fn imap_gateway(server: &impl MailServer, policy: Option<&str>) -> Gateway {
+    imap_gateway_with(server, policy, "").await
 }
 
 /// [`imap_gateway`] with more lines for the `[imap]` table.
-async fn imap_gateway_with(dovecot: &Dovecot, policy: Option<&str>, imap: &str) -> Gateway {
-    let ca = dovecot.ca().display().to_string();
-    Gateway::start_with(&[("mail", dovecot.addr())], policy, |text| {
+async fn imap_gateway_with(server: &impl MailServer, policy: Option<&str>, imap: &str) -> Gateway {
+    let ca = server.ca().display().to_string();
+    gateway_to(server.addr(), &format!("ca_file = {ca:?}\n"), policy, imap).await
+}
+
+/// A broker whose IMAP service `mail` is `addr`, with `service` lines added to its table.
+async fn gateway_to(addr: SocketAddr, service: &str, policy: Option<&str>, imap: &str) -> Gateway {
+    Gateway::start_with(&[("mail", addr)], policy, |text| {
         *text = text.replace(
             "[services.mail]\n",
             &format!(
-                "[services.mail]\nprotocol = \"imap\"\nca_file = {ca:?}\nserver_name = \"localhost\"\n"
+                "[services.mail]\nprotocol = \"imap\"\nserver_name = \"localhost\"\n{service}"
             ),
         );
         text.push_str(
@@ -68,13 +168,12 @@ fn last(lines: &[String]) -> &str {
     lines.last().map_or("", String::as_str)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ones_own_mailbox_reads_the_same_bytes_with_login_and_authenticate_plain() {
-    let dovecot = mail_server();
-    let gateway = imap_gateway(&dovecot, None).await;
+async fn ones_own_mailbox_reads_the_same_bytes_with_login_and_authenticate_plain<S: MailServer>() {
+    let server = mail_server::<S>();
+    let gateway = imap_gateway(&server, None).await;
     let alice = person(&gateway, "alice@example.org", &[]).await;
 
-    let direct = imap_fetch(dovecot.addr(), &dovecot.ca(), "alice", ALICE_PW)
+    let direct = imap_fetch(server.addr(), &server.ca(), "alice", ALICE_PW)
         .await
         .unwrap();
     assert_eq!(direct["messages"].as_array().unwrap().len(), 4);
@@ -103,10 +202,9 @@ async fn ones_own_mailbox_reads_the_same_bytes_with_login_and_authenticate_plain
     finish(gateway, [alice]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn curl_reads_a_message_through_the_imap_mode() {
-    let dovecot = mail_server();
-    let gateway = imap_gateway(&dovecot, None).await;
+async fn curl_reads_a_message_through_the_imap_mode<S: MailServer>() {
+    let server = mail_server::<S>();
+    let gateway = imap_gateway(&server, None).await;
     let alice = person(&gateway, "alice@example.org", &[]).await;
     let fetch = |addr: std::net::SocketAddr, ca: std::path::PathBuf| async move {
         postern_tests::curl(&[
@@ -118,7 +216,7 @@ async fn curl_reads_a_message_through_the_imap_mode() {
         ])
         .await
     };
-    let direct = fetch(dovecot.addr(), dovecot.ca()).await;
+    let direct = fetch(server.addr(), server.ca()).await;
     let through = fetch(alice.addr("mail"), alice.local_ca().to_owned()).await;
     assert!(
         through.status.success(),
@@ -168,10 +266,9 @@ async fn mbsync_syncs_a_whole_mailbox_as_a_direct_sync_does() {
     finish(gateway, [alice]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_persons_mailbox_is_refused_even_with_the_right_password() {
-    let dovecot = mail_server();
-    let gateway = imap_gateway(&dovecot, None).await;
+async fn another_persons_mailbox_is_refused_even_with_the_right_password<S: MailServer>() {
+    let server = mail_server::<S>();
+    let gateway = imap_gateway(&server, None).await;
     let alice = person(&gateway, "alice@example.org", &[]).await;
 
     let refused = imap_fetch(alice.addr("mail"), alice.local_ca(), "bob", BOB_PW)
@@ -184,18 +281,17 @@ async fn another_persons_mailbox_is_refused_even_with_the_right_password() {
         .await;
     assert_eq!(denied["user"]["email"], "alice@example.org");
     // The password never reached the server.
-    assert!(!dovecot.logs().contains("user=<bob>"), "{}", dovecot.logs());
+    assert!(!server.saw_login("bob"), "{}", server.logs());
     finish(gateway, [alice]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shared_mailbox_opens_for_whom_policy_allows() {
+async fn a_shared_mailbox_opens_for_whom_policy_allows<S: MailServer>() {
     let policy = format!(
         "{}\n@id(\"sales-shared\")\npermit (principal in Group::\"sales-team\", action == Action::\"imap_login\", resource == Mailbox::\"sales\");\n",
         postern_policy::DEFAULT_POLICY
     );
-    let dovecot = mail_server();
-    let gateway = imap_gateway(&dovecot, Some(&policy)).await;
+    let server = mail_server::<S>();
+    let gateway = imap_gateway(&server, Some(&policy)).await;
     let alice = person(&gateway, "alice@example.org", &["sales-team"]).await;
     let bob = person(&gateway, "bob@example.org", &[]).await;
 
@@ -216,7 +312,7 @@ async fn a_shared_mailbox_opens_for_whom_policy_allows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_passwords_lock_the_person_out_until_the_lock_ends() {
-    let dovecot = mail_server();
+    let dovecot = mail_server::<Dovecot>();
     let gateway = imap_gateway(&dovecot, None).await;
     let alice = person(&gateway, "alice@example.org", &[]).await;
     let bob = person(&gateway, "bob@example.org", &[]).await;
@@ -267,10 +363,9 @@ async fn wrong_passwords_lock_the_person_out_until_the_lock_ends() {
     finish(gateway, [alice, bob]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_person_gets_bye_in_the_middle_of_idle() {
-    let dovecot = mail_server();
-    let gateway = imap_gateway(&dovecot, None).await;
+async fn a_revoked_person_gets_bye_in_the_middle_of_idle<S: MailServer>() {
+    let server = mail_server::<S>();
+    let gateway = imap_gateway(&server, None).await;
     let identity = gateway.issue("alice@example.org", &[], Duration::from_secs(3600));
     let alice = AgentHandle::start(&identity).await;
     let mut idle = ImapIdle::start(alice.addr("mail"), alice.local_ca(), "alice", ALICE_PW).await;
@@ -300,10 +395,9 @@ async fn a_revoked_person_gets_bye_in_the_middle_of_idle() {
     finish(gateway, [alice]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipelined_logins_are_each_checked_on_their_own() {
-    let dovecot = mail_server();
-    let gateway = imap_gateway(&dovecot, None).await;
+async fn pipelined_logins_are_each_checked_on_their_own<S: MailServer>() {
+    let server = mail_server::<S>();
+    let gateway = imap_gateway(&server, None).await;
     let alice = person(&gateway, "alice@example.org", &[]).await;
     let (mut wire, greeting) = ImapWire::connect(alice.addr("mail"), alice.local_ca()).await;
     assert!(
@@ -323,16 +417,18 @@ async fn pipelined_logins_are_each_checked_on_their_own() {
     )
     .await;
     assert!(last(&wire.until("c").await).starts_with("c NO [AUTHORIZATIONFAILED]"));
-    assert!(last(&wire.until("d").await).starts_with("d OK"));
+    let lines = wire.until("d").await;
+    assert!(last(&lines).starts_with("d OK"), "{lines:?}");
     // The command sent behind the login reaches the server once logged in.
     assert!(last(&wire.until("e").await).starts_with("e OK"));
     finish(gateway, [alice]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn literals_split_across_packets_and_counted_both_ways_are_read_as_the_server_would() {
-    let dovecot = mail_server();
-    let gateway = imap_gateway(&dovecot, None).await;
+async fn literals_split_across_packets_and_counted_both_ways_are_read_as_the_server_would<
+    S: MailServer,
+>() {
+    let server = mail_server::<S>();
+    let gateway = imap_gateway(&server, None).await;
     let alice = person(&gateway, "alice@example.org", &[]).await;
     let (mut wire, _) = ImapWire::connect(alice.addr("mail"), alice.local_ca()).await;
 
@@ -359,14 +455,14 @@ async fn literals_split_across_packets_and_counted_both_ways_are_read_as_the_ser
         .await;
     assert!(wire.line().await.starts_with('+'));
     wire.send(format!("{ALICE_PW}\r\n").as_bytes()).await;
-    assert!(last(&wire.until("d").await).starts_with("d OK"));
+    let lines = wire.until("d").await;
+    assert!(last(&lines).starts_with("d OK"), "{lines:?}");
     finish(gateway, [alice]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn authorization_identities_and_other_mechanisms_are_refused() {
-    let dovecot = mail_server();
-    let gateway = imap_gateway(&dovecot, None).await;
+async fn authorization_identities_and_other_mechanisms_are_refused<S: MailServer>() {
+    let server = mail_server::<S>();
+    let gateway = imap_gateway(&server, None).await;
     let alice = person(&gateway, "alice@example.org", &[]).await;
     let (mut wire, _) = ImapWire::connect(alice.addr("mail"), alice.local_ca()).await;
 
@@ -407,10 +503,9 @@ async fn authorization_identities_and_other_mechanisms_are_refused() {
     finish(gateway, [alice]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn login_names_the_server_could_read_as_someone_else_are_refused() {
-    let dovecot = mail_server();
-    let gateway = imap_gateway(&dovecot, None).await;
+async fn login_names_the_server_could_read_as_someone_else_are_refused<S: MailServer>() {
+    let server = mail_server::<S>();
+    let gateway = imap_gateway(&server, None).await;
     let alice = person(&gateway, "alice@example.org", &[]).await;
     let (mut wire, _) = ImapWire::connect(alice.addr("mail"), alice.local_ca()).await;
     for (index, name) in [
@@ -440,10 +535,11 @@ async fn login_names_the_server_could_read_as_someone_else_are_refused() {
     finish(gateway, [alice]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commands_that_would_undo_the_binding_end_the_session_instead_of_reaching_the_server() {
-    let dovecot = mail_server();
-    let gateway = imap_gateway(&dovecot, None).await;
+async fn commands_that_would_undo_the_binding_end_the_session_instead_of_reaching_the_server<
+    S: MailServer,
+>() {
+    let server = mail_server::<S>();
+    let gateway = imap_gateway(&server, None).await;
     let alice = person(&gateway, "alice@example.org", &[]).await;
     for (command, name) in [
         (
@@ -490,7 +586,7 @@ async fn commands_that_would_undo_the_binding_end_the_session_instead_of_reachin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_log_in_in_time_is_told_so() {
-    let dovecot = mail_server();
+    let dovecot = mail_server::<Dovecot>();
     let gateway = imap_gateway_with(&dovecot, None, "login_timeout = \"1s\"\n").await;
     let alice = person(&gateway, "alice@example.org", &[]).await;
     let (mut wire, _) = ImapWire::connect(alice.addr("mail"), alice.local_ca()).await;
@@ -505,5 +601,49 @@ async fn a_client_that_does_not_log_in_in_time_is_told_so() {
     gateway
         .wait_for_audit("session.close", |e| e["event"]["reason"] == "login_timeout")
         .await;
+    finish(gateway, [alice]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_upgrades_a_plain_port_with_starttls() {
+    let dovecot = mail_server::<Dovecot>();
+    let ca = dovecot.ca().display().to_string();
+    let service = format!("tls = \"starttls\"\nca_file = {ca:?}\n");
+    let gateway = gateway_to(dovecot.starttls_addr(), &service, None, "").await;
+    let alice = person(&gateway, "alice@example.org", &[]).await;
+    let direct = imap_fetch(dovecot.addr(), &dovecot.ca(), "alice", ALICE_PW)
+        .await
+        .unwrap();
+    let through = imap_fetch(alice.addr("mail"), alice.local_ca(), "alice", ALICE_PW)
+        .await
+        .unwrap();
+    assert_eq!(through, direct);
+    finish(gateway, [alice]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_server_whose_certificate_is_not_trusted_is_not_used() {
+    let dovecot = mail_server::<Dovecot>();
+    // The broker's own CA, which did not sign Dovecot's certificate.
+    let gateway = gateway_to(
+        dovecot.addr(),
+        "ca_file = \"pki/server-ca.pem\"\n",
+        None,
+        "",
+    )
+    .await;
+    let alice = person(&gateway, "alice@example.org", &[]).await;
+    let (_, greeting) = ImapWire::connect(alice.addr("mail"), alice.local_ca()).await;
+    assert!(greeting.starts_with("* BYE [UNAVAILABLE]"), "{greeting}");
+    assert!(
+        greeting.contains("TLS with the mail server failed"),
+        "{greeting}"
+    );
+    // The broker refused the certificate; nothing, not even a login name, went to the server.
+    assert!(
+        !dovecot.logs().contains("user=<alice"),
+        "{}",
+        dovecot.logs()
+    );
     finish(gateway, [alice]).await;
 }

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-/// A running Dovecot serving IMAPS on 127.0.0.1.
+/// A running Dovecot serving IMAPS on 127.0.0.1, and IMAP with STARTTLS on another port.
 #[derive(Debug)]
 pub struct Dovecot {
     dir: TempDir,
     child: Option<Child>,
     port: u16,
+    starttls_port: u16,
 }
 
 /// A message to seed, as the bytes of an RFC 5322 message.
@@ -68,8 +69,14 @@ impl Dovecot {
         std::fs::write(dir.path().join("passwd"), passwd).unwrap();
 
         for _attempt in 0..3 {
-            let port = crate::free_tcp_port();
-            let config = config(dir.path(), port, mail_uid, mail_gid, &internal, &login);
+            let (port, starttls_port) = (crate::free_tcp_port(), crate::free_tcp_port());
+            let config = config(
+                dir.path(),
+                (port, starttls_port),
+                (mail_uid, mail_gid),
+                &internal,
+                &login,
+            );
             std::fs::write(dir.path().join("dovecot.conf"), config).unwrap();
             let log = std::fs::File::create(dir.path().join("stdio.log")).unwrap();
             let child = Command::new("/usr/sbin/dovecot")
@@ -85,6 +92,7 @@ impl Dovecot {
                 dir,
                 child: Some(child),
                 port,
+                starttls_port,
             };
             if dovecot.wait_ready() {
                 return dovecot;
@@ -101,6 +109,11 @@ impl Dovecot {
     /// Where IMAPS is served.
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Where IMAP is served, with STARTTLS required before a login.
+    pub fn starttls_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.starttls_port))
     }
 
     /// The CA certificate (PEM) that signed Dovecot's certificate.
@@ -209,7 +222,13 @@ impl Message {
     }
 }
 
-fn config(dir: &Path, port: u16, uid: u32, gid: u32, internal: &str, login: &str) -> String {
+fn config(
+    dir: &Path,
+    (port, starttls_port): (u16, u16),
+    (uid, gid): (u32, u32),
+    internal: &str,
+    login: &str,
+) -> String {
     let d = dir.display();
     format!(
         r#"# Written by the Postern test harness.
@@ -241,7 +260,8 @@ default_internal_user = {internal}
 default_login_user = {login}
 service imap-login {{
   inet_listener imap {{
-    port = 0
+    address = 127.0.0.1
+    port = {starttls_port}
   }}
   inet_listener imaps {{
     address = 127.0.0.1
@@ -267,7 +287,7 @@ fn accounts() -> (u32, u32, String, String) {
     }
 }
 
-fn write_tls(dir: &Path) {
+pub(crate) fn write_tls(dir: &Path) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);

@@ -77,3 +77,24 @@ impl ImapWire {
         }
     }
 }
+
+impl ImapWire {
+    /// Reads up to and including the line tagged `tag` as bytes, without decoding them; how
+    /// many bytes that was. For bulk transfers such as a whole-mailbox `FETCH`.
+    pub async fn drain_until(&mut self, tag: &str) -> std::io::Result<u64> {
+        let prefix = format!("{tag} ");
+        let mut line = Vec::with_capacity(1024);
+        let mut total = 0u64;
+        loop {
+            line.clear();
+            let read = self.stream.read_until(b'\n', &mut line).await?;
+            if read == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            total += read as u64;
+            if line.starts_with(prefix.as_bytes()) {
+                return Ok(total);
+            }
+        }
+    }
+}

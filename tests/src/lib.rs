@@ -2,6 +2,8 @@
 //!
 //! - [`Dovecot`]: a private Dovecot (`dovecot-imapd`) with its own configuration, users, TLS
 //!   certificate, port and seeded mail.
+//! - [`Cyrus`]: a private Cyrus IMAP (`cyrus-imapd`, unpacked beside Dovecot) with its own sasldb
+//!   users, TLS certificate, port and mail seeded through IMAP.
 //! - [`Gateway`]: a broker folder made by `postern-broker init`, and the broker serving it
 //!   in-process on a free UDP port.
 //! - [`AgentHandle`]: the agent serving an identity on free loopback ports.
@@ -19,6 +21,7 @@
     reason = "a harness failure is a test failure"
 )]
 
+mod cyrus;
 mod dovecot;
 mod gateway;
 mod idp;
@@ -29,6 +32,7 @@ use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+pub use cyrus::Cyrus;
 pub use dovecot::{Dovecot, Message};
 pub use gateway::{AgentHandle, Gateway, LoginRun};
 pub use idp::{ALICE, Approval, BOB, CLIENT_ID, Idp, IdpOptions, Person, approve, totp_now};

@@ -303,24 +303,32 @@ fn up_serves_until_sigterm_even_before_the_broker_answers() {
         &KeyRequest::generate().unwrap(),
         true,
     ));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .args(["up", "--listen", "imap=127.0.0.1:0"])
-        .env("POSTERN_HOME", home.path())
+    let mut command = Command::new(env!("CARGO_BIN_EXE_postern"));
+    command.args(["up", "--listen", "imap=127.0.0.1:0"]);
+    let (line, output) = up_until_serving(command, home.path());
+    assert!(
+        line.starts_with("postern: imap on 127.0.0.1:") && line.contains("-> broker 127.0.0.1:9"),
+        "{line}"
+    );
+    assert!(output.status.success());
+}
+
+/// Runs `command` (a `postern up`) until it says where it serves, then stops it with SIGTERM:
+/// that first line, and what it printed.
+fn up_until_serving(mut command: Command, home: &Path) -> (String, Output) {
+    let mut child = command
+        .env("POSTERN_HOME", home)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    assert!(
-        line.starts_with("postern: imap on 127.0.0.1:") && line.contains("-> broker 127.0.0.1:9"),
-        "{line}"
-    );
     let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    assert!(child.wait().unwrap().success());
+    (line, child.wait_with_output().unwrap())
 }
 
 #[test]
@@ -356,4 +364,74 @@ fn trust_shows_the_local_ca_and_keeps_it() {
     assert!(again.status.success());
     assert!(!stdout(&again).contains("Made a new"));
     assert_eq!(std::fs::read_to_string(&ca).unwrap(), pem);
+}
+
+#[test]
+fn up_serves_on_a_fallback_port_when_993_needs_privileges_and_says_why() {
+    let start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(1024);
+    if start <= 993 {
+        eprintln!("skipped: this machine lets every user listen on port 993");
+        return;
+    }
+    let request = KeyRequest::generate().unwrap();
+    let mut identity = bundle(SystemTime::now(), HOUR, &request, true);
+    for service in identity.services.values_mut() {
+        service.protocol = postern_proto::ServiceKind::Imap;
+    }
+    let home = logged_in(&identity);
+    let root = rustix::process::geteuid().is_root();
+    let mut command = if root {
+        // As root 993 would bind: run as nobody, who owns the home.
+        for entry in [home.path().to_owned()].into_iter().chain(
+            std::fs::read_dir(home.path())
+                .unwrap()
+                .map(|e| e.unwrap().path()),
+        ) {
+            std::os::unix::fs::chown(&entry, Some(65534), Some(65534)).unwrap();
+        }
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_postern"));
+        command
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_postern"))
+    };
+    command.arg("up");
+    let (line, output) = up_until_serving(command, home.path());
+    let errors = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        line.starts_with("postern: imap on 127.0.0.1:10993 (IMAP over TLS)"),
+        "{line}{errors}"
+    );
+    assert!(
+        errors.contains("cannot listen on 127.0.0.1:993")
+            && errors.contains("serving it on 127.0.0.1:10993 instead")
+            && errors.contains("setcap cap_net_bind_service"),
+        "{errors}"
+    );
+    assert!(errors.contains("postern trust"), "{errors}");
+}
+
+#[test]
+fn up_serves_plain_imap_on_loopback_when_asked() {
+    let request = KeyRequest::generate().unwrap();
+    let mut identity = bundle(SystemTime::now(), HOUR, &request, true);
+    for service in identity.services.values_mut() {
+        service.protocol = postern_proto::ServiceKind::Imap;
+    }
+    let home = logged_in(&identity);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_postern"));
+    command.args(["up", "--plain-imap", "--listen", "imap=127.0.0.1:0"]);
+    let (line, output) = up_until_serving(command, home.path());
+    assert!(line.starts_with("postern: imap on 127.0.0.1:"), "{line}");
+    assert!(!line.contains("TLS"), "{line}");
+    assert!(output.status.success());
+    assert!(
+        !home.path().join("local-ca.pem").exists(),
+        "no CA is made for plain IMAP"
+    );
 }
