@@ -8,14 +8,16 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use postern_tests::{
-    AgentHandle, Cyrus, Dovecot, Gateway, ImapIdle, ImapWire, Message, imap_fetch, imap_fetch_with,
+    AgentHandle, Courier, Cyrus, Dovecot, Gateway, ImapIdle, ImapWire, Message, imap_fetch,
+    imap_fetch_with,
 };
 
 const ALICE_PW: &str = "alice-pw";
 const BOB_PW: &str = "bob-pw";
 const SALES_PW: &str = "sales-pw";
 
-/// Makes each named `async fn<S: MailServer>()` two tests, `NAME::dovecot` and `NAME::cyrus`.
+/// Makes each named `async fn<S: MailServer>()` three tests, `NAME::dovecot`, `NAME::cyrus` and
+/// `NAME::courier`.
 macro_rules! on_each_server {
     ($($test:ident),+ $(,)?) => {
         $(
@@ -28,6 +30,11 @@ macro_rules! on_each_server {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn cyrus() {
                     super::$test::<postern_tests::Cyrus>().await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn courier() {
+                    super::$test::<postern_tests::Courier>().await;
                 }
             }
         )+
@@ -106,6 +113,31 @@ impl MailServer for Cyrus {
         self.logs().lines().any(|line| {
             line.contains("login: ") && line.split_whitespace().any(|word| word == name)
         })
+    }
+}
+
+impl MailServer for Courier {
+    fn start(users: &[(&str, &str, Vec<Message>)]) -> Self {
+        Courier::start(users)
+    }
+
+    fn addr(&self) -> SocketAddr {
+        Courier::addr(self)
+    }
+
+    fn ca(&self) -> PathBuf {
+        Courier::ca(self)
+    }
+
+    fn logs(&self) -> String {
+        Courier::logs(self)
+    }
+
+    fn saw_login(&self, name: &str) -> bool {
+        // `LOGIN, user=bob, ip=[…]` and `LOGIN FAILED, user=bob, ip=[…]`.
+        self.logs()
+            .lines()
+            .any(|line| line.contains("LOGIN") && line.contains(&format!(" user={name},")))
     }
 }
 

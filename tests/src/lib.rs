@@ -4,6 +4,9 @@
 //!   certificate, port and seeded mail.
 //! - [`Cyrus`]: a private Cyrus IMAP (`cyrus-imapd`, unpacked beside Dovecot) with its own sasldb
 //!   users, TLS certificate, port and mail seeded through IMAP.
+//! - [`Courier`]: a private Courier IMAP (`courier-imap`, unpacked beside Dovecot) with its own
+//!   userdb users, TLS certificate, port and mail seeded through IMAP, in a private mount
+//!   namespace.
 //! - [`Gateway`]: a broker folder made by `postern-broker init`, and the broker serving it
 //!   in-process on a free UDP port.
 //! - [`AgentHandle`]: the agent serving an identity on free loopback ports.
@@ -21,6 +24,7 @@
     reason = "a harness failure is a test failure"
 )]
 
+mod courier;
 mod cyrus;
 mod dovecot;
 mod gateway;
@@ -32,6 +36,7 @@ use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+pub use courier::Courier;
 pub use cyrus::Cyrus;
 pub use dovecot::{Dovecot, Message};
 pub use gateway::{AgentHandle, Gateway, LoginRun};

@@ -435,3 +435,38 @@ fn up_serves_plain_imap_on_loopback_when_asked() {
         "no CA is made for plain IMAP"
     );
 }
+
+#[test]
+fn trust_install_adds_the_ca_to_this_users_nss_database_once() {
+    let home = tempfile::tempdir().unwrap();
+    let user = tempfile::tempdir().unwrap();
+    let install = || {
+        Command::new(env!("CARGO_BIN_EXE_postern"))
+            .args(["trust", "--install"])
+            .env("POSTERN_HOME", home.path())
+            .env("HOME", user.path())
+            .output()
+            .unwrap()
+    };
+    let nssdb = user.path().join(".pki/nssdb");
+    for _ in 0..2 {
+        let out = install();
+        assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+        assert!(
+            stdout(&out).contains(&format!("Added to {}", nssdb.display())),
+            "{}",
+            stdout(&out)
+        );
+    }
+    let listed = Command::new("certutil")
+        .args(["-L", "-d", &format!("sql:{}", nssdb.display())])
+        .output()
+        .expect("certutil (libnss3-tools; scripts/install-test-deps) runs");
+    let listed = stdout(&listed);
+    let entries: Vec<_> = listed
+        .lines()
+        .filter(|line| line.starts_with(postern_agent::trust::CA_NICKNAME))
+        .collect();
+    assert_eq!(entries.len(), 1, "{listed}");
+    assert!(entries[0].trim_end().ends_with("C,,"), "{listed}");
+}
