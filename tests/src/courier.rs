@@ -7,11 +7,11 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
 use crate::Message;
+use crate::daemon::{self, Daemon, Step, chown_tree, hex, set_mode};
 
 /// Where scripts/install-test-deps unpacks `courier-imap`, inside the workspace.
 const UNPACKED: &str = "target/test-servers/courier";
@@ -33,8 +33,9 @@ const SEEDER_PREFIX: &str = "postern-seed-";
 /// A running Courier IMAP serving IMAPS on 127.0.0.1.
 #[derive(Debug)]
 pub struct Courier {
+    // Dropped in this order: the server, then its folder.
+    daemon: Daemon,
     dir: TempDir,
-    child: Option<Child>,
     port: u16,
 }
 
@@ -52,7 +53,7 @@ impl Courier {
             "Courier IMAP is not installed; run scripts/install-test-deps"
         );
         assert!(crate::is_root(), "the Courier tests run as root");
-        let mut dir = tempfile::Builder::new()
+        let dir = tempfile::Builder::new()
             .prefix("postern-courier-")
             .tempdir()
             .unwrap();
@@ -82,19 +83,19 @@ impl Courier {
 
         for _attempt in 0..3 {
             let port = crate::free_tcp_port();
-            let child = spawn(dir.path(), &unpacked, port);
-            let mut courier = Courier {
-                dir,
-                child: Some(child),
-                port,
-            };
-            if courier.wait_ready() {
+            let mut daemon = Daemon::new("couriertcpd", spawn(dir.path(), &unpacked, port), true);
+            let (addr, socket) = (
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                dir.path().join("run/authdaemon/socket"),
+            );
+            let ready = || socket.exists() && TcpStream::connect(addr).is_ok();
+            if daemon.wait_until(ready, || logs(dir.path())) {
+                let courier = Courier { daemon, dir, port };
                 courier.seed(users, &seed_password);
                 write_userdb(courier.dir.path(), users, None);
                 return courier;
             }
-            courier.stop();
-            dir = courier.take_dir();
+            daemon.stop();
         }
         panic!(
             "Courier did not start; see its logs in {}",
@@ -115,135 +116,47 @@ impl Courier {
     /// What Courier logged so far: `authdaemond`, then `couriertcpd` and the IMAP processes it
     /// started (`LOGIN, user=alice, …`, `LOGIN FAILED, user=bob, …`), then anything else.
     pub fn logs(&self) -> String {
-        let read =
-            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-        format!(
-            "{}{}{}",
-            read("authdaemond.log"),
-            read("imapd.log"),
-            read("stdio.log")
-        )
+        logs(self.dir.path())
     }
 
-    /// Stops Courier: SIGTERM to its process group (`couriertcpd`, `authdaemond` and the
-    /// sessions), then SIGKILL if anything lingers.
+    /// Stops Courier: `couriertcpd`, `authdaemond` and the sessions.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let group = i32::try_from(child.id())
-            .ok()
-            .and_then(rustix::process::Pid::from_raw);
-        if let Some(group) = group {
-            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::TERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if let Some(group) = group {
-            // Sessions and authentication workers that outlived `couriertcpd`.
-            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
-        }
-        let _ = child.wait();
+        self.daemon.stop();
     }
 
-    /// Waits until IMAPS accepts connections and authdaemond's socket exists.
-    fn wait_ready(&mut self) -> bool {
-        let socket = self.dir.path().join("run/authdaemon/socket");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if socket.exists() && TcpStream::connect(self.addr()).is_ok() {
-                return true;
-            }
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                eprintln!("couriertcpd exited with {status}:\n{}", self.logs());
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("courier did not listen within 15 s:\n{}", self.logs());
-        false
-    }
-
-    /// Appends each user's messages to their INBOX through IMAP (Python's `imaplib`), logged in
-    /// as their seeding account: no user logs in before the test does.
+    /// Appends each user's messages to their INBOX through IMAP, logged in as their seeding
+    /// account: no user logs in before the test does.
     fn seed(&self, users: &[(&str, &str, Vec<Message>)], seed_password: &str) {
-        let seed = self.dir.path().join("seed");
-        let mut spec = Vec::new();
-        for (name, _, messages) in users {
-            let mut files = Vec::new();
-            for (index, message) in messages.iter().enumerate() {
-                let file = seed.join(name).join(format!("{index}.eml"));
-                std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-                std::fs::write(&file, &message.0).unwrap();
-                files.push(file.display().to_string());
-            }
-            spec.push(
-                serde_json::json!({"name": format!("{SEEDER_PREFIX}{name}"), "messages": files}),
-            );
-        }
-        let spec = serde_json::json!({
-            "port": self.port,
-            "ca": self.ca().display().to_string(),
-            "password": seed_password,
-            "users": spec,
-        });
-        let spec_file = self.dir.path().join("seed.json");
-        std::fs::write(&spec_file, spec.to_string()).unwrap();
-        let output = Command::new("python3")
-            .args(["-c", SEED_SCRIPT])
-            .arg(&spec_file)
-            .stdin(Stdio::null())
-            .output()
-            .expect("python3 runs");
-        assert!(
-            output.status.success(),
-            "seeding Courier failed: {}\n{}",
-            String::from_utf8_lossy(&output.stderr),
+        let sessions: Vec<_> = users
+            .iter()
+            .map(|(name, _, messages)| {
+                let steps = messages
+                    .iter()
+                    .map(|m| Step::Append("INBOX".into(), m))
+                    .collect();
+                (
+                    format!("{SEEDER_PREFIX}{name}"),
+                    seed_password.to_owned(),
+                    steps,
+                )
+            })
+            .collect();
+        daemon::seed(self.addr(), &self.ca(), self.dir.path(), &sessions, || {
             self.logs()
-        );
-        let _ = std::fs::remove_dir_all(seed);
-        let _ = std::fs::remove_file(spec_file);
-    }
-
-    fn take_dir(mut self) -> TempDir {
-        self.stop();
-        let dir = tempfile::Builder::new()
-            .prefix("unused-")
-            .tempdir()
-            .unwrap();
-        std::mem::replace(&mut self.dir, dir)
+        });
     }
 }
 
-impl Drop for Courier {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// What Courier in `dir` logged so far.
+fn logs(dir: &Path) -> String {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    format!(
+        "{}{}{}",
+        read("authdaemond.log"),
+        read("imapd.log"),
+        read("stdio.log")
+    )
 }
-
-/// Logs in as each user's seeding account and appends their messages to their INBOX.
-const SEED_SCRIPT: &str = r#"
-import imaplib, json, ssl, sys
-spec = json.load(open(sys.argv[1]))
-context = ssl.create_default_context(cafile=spec["ca"])
-def ok(answer, what):
-    if answer[0] != "OK":
-        sys.exit(f"{what}: {answer}")
-for user in spec["users"]:
-    imap = imaplib.IMAP4_SSL("localhost", spec["port"], ssl_context=context)
-    ok(imap.login(user["name"], spec["password"]), "LOGIN " + user["name"])
-    for path in user["messages"]:
-        with open(path, "rb") as message:
-            ok(imap.append("INBOX", None, None, message.read()), "APPEND " + path)
-    imap.logout()
-"#;
 
 /// `/etc/courier/authdaemonrc`: users from the userdb only (no PAM, no system accounts).
 const AUTHDAEMONRC: &str = "# Written by the Postern test harness.
@@ -364,22 +277,4 @@ fn spawn(dir: &Path, unpacked: &Path, port: u16) -> Child {
         .stderr(log)
         .spawn()
         .expect("unshare starts Courier")
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-fn chown_tree(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
-    if path.is_dir() {
-        for entry in std::fs::read_dir(path).unwrap() {
-            chown_tree(&entry.unwrap().path(), uid, gid);
-        }
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
 
 use crate::Message;
+use crate::daemon::{self, Daemon, Step, chown_tree, hex, set_mode};
 
 /// Where scripts/install-test-deps unpacks `cyrus-imapd`, inside the workspace.
 const UNPACKED: &str = "target/test-servers/cyrus/usr/lib/cyrus/bin";
@@ -25,17 +26,18 @@ const ADMIN: &str = "postern-admin";
 /// A running Cyrus IMAP serving IMAPS on 127.0.0.1.
 #[derive(Debug)]
 pub struct Cyrus {
+    // Dropped in this order: the server, its log, then its folder.
+    daemon: Daemon,
+    _syslog: Syslog,
     dir: TempDir,
-    child: Option<Child>,
     port: u16,
-    syslog: Option<Syslog>,
 }
 
 /// The receiving end of `/dev/log` as Cyrus sees it: every datagram is appended to a file.
 #[derive(Debug)]
 struct Syslog {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Cyrus {
@@ -49,7 +51,7 @@ impl Cyrus {
         );
         assert!(crate::is_root(), "the Cyrus tests run as root");
         let (uid, gid) = cyrus_account();
-        let mut dir = tempfile::Builder::new()
+        let dir = tempfile::Builder::new()
             .prefix("postern-cyrus-")
             .tempdir()
             .unwrap();
@@ -89,19 +91,19 @@ impl Cyrus {
             )
             .unwrap();
             let syslog = Syslog::start(dir.path());
-            let child = spawn_master(dir.path());
-            let mut cyrus = Cyrus {
-                dir,
-                child: Some(child),
-                port,
-                syslog: Some(syslog),
-            };
-            if cyrus.wait_ready() {
+            let mut daemon = Daemon::new("cyrus master", spawn_master(dir.path()), true);
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            if daemon.wait_until(|| TcpStream::connect(addr).is_ok(), || logs(dir.path())) {
+                let cyrus = Cyrus {
+                    daemon,
+                    _syslog: syslog,
+                    dir,
+                    port,
+                };
                 cyrus.seed(users, &admin_password);
                 return cyrus;
             }
-            cyrus.stop();
-            dir = cyrus.take_dir();
+            daemon.stop();
         }
         panic!(
             "Cyrus did not start; see its logs in {}",
@@ -121,110 +123,36 @@ impl Cyrus {
 
     /// What Cyrus logged so far: its syslog lines, then what `master` wrote to stderr.
     pub fn logs(&self) -> String {
-        let read =
-            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-        format!("{}{}", read("syslog.log"), read("stdio.log"))
+        logs(self.dir.path())
     }
 
-    /// Stops Cyrus: SIGTERM to `master`, which ends its services, then SIGKILL if it lingers.
+    /// Stops Cyrus: `master` and its services.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = i32::try_from(child.id())
-                .ok()
-                .and_then(rustix::process::Pid::from_raw);
-            if let Some(pid) = pid {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let mut exited = false;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    exited = true;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if !exited && let Some(group) = pid {
-                // Its services too, which a killed `master` would leave behind.
-                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
-                let _ = child.wait();
-            }
-        }
-        if let Some(syslog) = self.syslog.take() {
-            syslog.stop();
-        }
+        self.daemon.stop();
     }
 
-    fn wait_ready(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if TcpStream::connect(self.addr()).is_ok() {
-                return true;
-            }
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                eprintln!("cyrus master exited with {status}:\n{}", self.logs());
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("cyrus did not listen within 15 s:\n{}", self.logs());
-        false
-    }
-
-    /// Creates each user's mailbox with their messages, through IMAP (Python's `imaplib`).
+    /// Creates each user's mailbox with their messages, through IMAP, logged in as the
+    /// administrator, who may write there only meanwhile: no user logs in before the test does.
     fn seed(&self, users: &[(&str, &str, Vec<Message>)], admin_password: &str) {
-        let seed = self.dir.path().join("seed");
-        let mut spec = Vec::new();
+        let mut steps = Vec::new();
         for (name, _, messages) in users {
-            let mut files = Vec::new();
-            for (index, message) in messages.iter().enumerate() {
-                let file = seed.join(name).join(format!("{index}.eml"));
-                std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-                std::fs::write(&file, &message.0).unwrap();
-                files.push(file.display().to_string());
-            }
-            spec.push(serde_json::json!({"name": name, "messages": files}));
+            let mailbox = format!("user/{name}");
+            steps.push(Step::Create(mailbox.clone()));
+            steps.push(Step::SetAcl(mailbox.clone(), ADMIN.into(), "lrswi"));
+            steps.extend(messages.iter().map(|m| Step::Append(mailbox.clone(), m)));
+            steps.push(Step::DeleteAcl(mailbox, ADMIN.into()));
         }
-        let spec = serde_json::json!({
-            "port": self.port,
-            "ca": self.ca().display().to_string(),
-            "admin": ADMIN,
-            "admin_password": admin_password,
-            "users": spec,
-        });
-        let spec_file = self.dir.path().join("seed.json");
-        std::fs::write(&spec_file, spec.to_string()).unwrap();
-        let output = Command::new("python3")
-            .args(["-c", SEED_SCRIPT])
-            .arg(&spec_file)
-            .stdin(Stdio::null())
-            .output()
-            .expect("python3 runs");
-        assert!(
-            output.status.success(),
-            "seeding Cyrus failed: {}\n{}",
-            String::from_utf8_lossy(&output.stderr),
+        let sessions = [(ADMIN.to_owned(), admin_password.to_owned(), steps)];
+        daemon::seed(self.addr(), &self.ca(), self.dir.path(), &sessions, || {
             self.logs()
-        );
-        let _ = std::fs::remove_dir_all(seed);
-    }
-
-    fn take_dir(mut self) -> TempDir {
-        self.stop();
-        let dir = tempfile::Builder::new()
-            .prefix("unused-")
-            .tempdir()
-            .unwrap();
-        std::mem::replace(&mut self.dir, dir)
+        });
     }
 }
 
-impl Drop for Cyrus {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// What Cyrus in `dir` logged so far.
+fn logs(dir: &Path) -> String {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    format!("{}{}", read("syslog.log"), read("stdio.log"))
 }
 
 impl Syslog {
@@ -250,36 +178,21 @@ impl Syslog {
                 let _ = writeln!(log, "{}", line.trim_end());
             }
         });
-        Self { stop, thread }
-    }
-
-    fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.thread.join();
+        Self {
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
-/// Logs in as the administrator, creates each user's mailbox and appends their messages, with
-/// the right to insert granted for that and taken back: no user logs in before the test does.
-const SEED_SCRIPT: &str = r#"
-import imaplib, json, ssl, sys
-spec = json.load(open(sys.argv[1]))
-context = ssl.create_default_context(cafile=spec["ca"])
-imap = imaplib.IMAP4_SSL("localhost", spec["port"], ssl_context=context)
-imap.login(spec["admin"], spec["admin_password"])
-def ok(answer, what):
-    if answer[0] != "OK":
-        sys.exit(f"{what}: {answer}")
-for user in spec["users"]:
-    mailbox = "user/" + user["name"]
-    ok(imap.create(mailbox), "CREATE " + mailbox)
-    ok(imap.setacl(mailbox, spec["admin"], "lrswi"), "SETACL " + mailbox)
-    for path in user["messages"]:
-        with open(path, "rb") as message:
-            ok(imap.append(mailbox, None, None, message.read()), "APPEND " + path)
-    ok(imap.deleteacl(mailbox, spec["admin"]), "DELETEACL " + mailbox)
-imap.logout()
-"#;
+impl Drop for Syslog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
 
 /// `imapd.conf`: everything under `dir`, users from the sasldb there, plain-text logins
 /// allowed (the connection is TLS), and `/` as the hierarchy separator, so that a dot in a login
@@ -385,22 +298,4 @@ fn cyrus_account() -> (u32, u32) {
         .find(|fields| fields.len() > 3 && fields[0] == "cyrus")
         .map(|fields| (fields[2].parse().unwrap(), fields[3].parse().unwrap()))
         .expect("the `cyrus` account exists (cyrus-common; scripts/install-test-deps)")
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-fn chown_tree(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
-    if path.is_dir() {
-        for entry in std::fs::read_dir(path).unwrap() {
-            chown_tree(&entry.unwrap().path(), uid, gid);
-        }
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

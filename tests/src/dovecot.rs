@@ -2,16 +2,18 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use tempfile::TempDir;
+
+use crate::daemon::{Daemon, chown_tree, set_mode};
 
 /// A running Dovecot serving IMAPS on 127.0.0.1, and IMAP with STARTTLS on another port.
 #[derive(Debug)]
 pub struct Dovecot {
+    // Dropped in this order: the server, then its folder.
+    daemon: Daemon,
     dir: TempDir,
-    child: Option<Child>,
     port: u16,
     starttls_port: u16,
 }
@@ -27,7 +29,7 @@ impl Dovecot {
             Path::new("/usr/sbin/dovecot").exists(),
             "Dovecot is not installed; run scripts/install-test-deps"
         );
-        let mut dir = tempfile::Builder::new()
+        let dir = tempfile::Builder::new()
             .prefix("postern-dovecot-")
             .tempdir()
             .unwrap();
@@ -88,17 +90,18 @@ impl Dovecot {
                 .stderr(log)
                 .spawn()
                 .expect("dovecot starts");
-            let mut dovecot = Dovecot {
-                dir,
-                child: Some(child),
-                port,
-                starttls_port,
-            };
-            if dovecot.wait_ready() {
-                return dovecot;
+            // Dovecot stays in the tests' process group: stopped alone.
+            let mut daemon = Daemon::new("dovecot", child, false);
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            if daemon.wait_until(|| TcpStream::connect(addr).is_ok(), || logs(dir.path())) {
+                return Dovecot {
+                    daemon,
+                    dir,
+                    port,
+                    starttls_port,
+                };
             }
-            dovecot.stop();
-            dir = dovecot.take_dir();
+            daemon.stop();
         }
         panic!(
             "Dovecot did not start; see its logs in {}",
@@ -123,65 +126,19 @@ impl Dovecot {
 
     /// Stops Dovecot: SIGTERM, then SIGKILL if it lingers.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Some(pid) = i32::try_from(child.id())
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-        {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-
-    fn wait_ready(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if TcpStream::connect(self.addr()).is_ok() {
-                return true;
-            }
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                eprintln!("dovecot exited with {status}:\n{}", self.logs());
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("dovecot did not listen within 15 s:\n{}", self.logs());
-        false
+        self.daemon.stop();
     }
 
     /// What Dovecot logged so far.
     pub fn logs(&self) -> String {
-        let read =
-            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-        format!("{}{}", read("stdio.log"), read("dovecot.log"))
-    }
-
-    fn take_dir(mut self) -> TempDir {
-        self.stop();
-        let dir = tempfile::Builder::new()
-            .prefix("unused-")
-            .tempdir()
-            .unwrap();
-        std::mem::replace(&mut self.dir, dir)
+        logs(self.dir.path())
     }
 }
 
-impl Drop for Dovecot {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// What Dovecot in `dir` logged so far.
+fn logs(dir: &Path) -> String {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    format!("{}{}", read("stdio.log"), read("dovecot.log"))
 }
 
 impl Message {
@@ -309,20 +266,6 @@ pub(crate) fn write_tls(dir: &Path) {
     )
     .unwrap();
     std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-fn chown_tree(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
-    if path.is_dir() {
-        for entry in std::fs::read_dir(path).unwrap() {
-            chown_tree(&entry.unwrap().path(), uid, gid);
-        }
-    }
 }
 
 fn base64(bytes: &[u8]) -> String {

@@ -26,6 +26,7 @@
 
 mod courier;
 mod cyrus;
+mod daemon;
 mod dovecot;
 mod gateway;
 mod idp;
