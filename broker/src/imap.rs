@@ -466,12 +466,8 @@ async fn login_phase(
     out.extend_from_slice(greeting.as_bytes());
     let (mut commands, mut failures) = (0u32, 0u32);
     loop {
-        if !out.is_empty() {
-            counts.1 += out.len() as u64;
-            if send.write_all(&out).await.is_err() {
-                return Phase::Over(RelayEnd::ConnectionLost("client gone".into()), None);
-            }
-            out.clear();
+        if let Err(phase) = answer_client(send, &mut out, counts).await {
+            return phase;
         }
         let event = match reader.next_event() {
             Some(event) => event,
@@ -593,9 +589,8 @@ async fn login_phase(
         };
         match attempt(session, mail, &tag, &user, &password, &mut out).await {
             Attempt::Allowed => {
-                counts.1 += out.len() as u64;
-                if send.write_all(&out).await.is_err() {
-                    return Phase::Over(RelayEnd::ConnectionLost("client gone".into()), None);
+                if let Err(phase) = answer_client(send, &mut out, counts).await {
+                    return phase;
                 }
                 return Phase::LoggedIn {
                     from_client: reader.take_rest(),
@@ -622,14 +617,15 @@ async fn bye(send: &mut SendStream, out: &[u8], counts: &mut (u64, u64), reason:
     Phase::Over(RelayEnd::Closed, Some(reason.to_owned()))
 }
 
-/// Reads the client's answer to the `+` of an `AUTHENTICATE`.
-async fn sasl_response(
+/// Sends the client what the broker has to say, and empties `out`.
+async fn answer_client(
     send: &mut SendStream,
-    recv: &mut RecvStream,
-    reader: &mut command::Reader,
     out: &mut Vec<u8>,
     counts: &mut (u64, u64),
-) -> Result<Secret, Phase> {
+) -> Result<(), Phase> {
+    if out.is_empty() {
+        return Ok(());
+    }
     counts.1 += out.len() as u64;
     if send.write_all(out).await.is_err() {
         return Err(Phase::Over(
@@ -638,6 +634,18 @@ async fn sasl_response(
         ));
     }
     out.clear();
+    Ok(())
+}
+
+/// Reads the client's answer to the `+` of an `AUTHENTICATE`.
+async fn sasl_response(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    reader: &mut command::Reader,
+    out: &mut Vec<u8>,
+    counts: &mut (u64, u64),
+) -> Result<Secret, Phase> {
+    answer_client(send, out, counts).await?;
     loop {
         match reader.next_event() {
             Some(Event::SaslResponse(response)) => return Ok(response),
@@ -882,7 +890,7 @@ async fn relay(
     let (uploaded, downloaded) = (AtomicU64::new(0), AtomicU64::new(0));
 
     let upload = async {
-        let mut pending = from_client;
+        let mut pending = bytes::Bytes::from(from_client);
         loop {
             let mut at = 0;
             let mut out = Vec::with_capacity(pending.len());
@@ -934,7 +942,7 @@ async fn relay(
                 () = stop.cancelled() => return Ok(()),
             };
             match chunk {
-                Ok(Some(chunk)) => pending = chunk.bytes.to_vec(),
+                Ok(Some(chunk)) => pending = chunk.bytes,
                 Ok(None) => {
                     let _ = up_write.shutdown().await;
                     return Ok(());
@@ -947,13 +955,13 @@ async fn relay(
 
     let download = async {
         let mut out = Vec::with_capacity(CHUNK);
-        let mut buf = BytesMut::with_capacity(CHUNK);
-        let mut first = Some(from_server);
+        // What the server sent behind its login answer comes first.
+        let mut buf = BytesMut::with_capacity(CHUNK.max(from_server.len()));
+        buf.extend_from_slice(&from_server);
+        let mut unread = !buf.is_empty();
         let mut ending_since: Option<tokio::time::Instant> = None;
         loop {
-            let bytes: Vec<u8> = if let Some(first) = first.take() {
-                first
-            } else {
+            if !std::mem::take(&mut unread) {
                 buf.clear();
                 let grace = ending_since.map(|since| since + BYE_GRACE);
                 tokio::select! {
@@ -962,22 +970,22 @@ async fn relay(
                             let _ = send.finish();
                             return Ok(());
                         }
-                        Ok(_) => buf.to_vec(),
+                        Ok(_) => {}
                         Err(e) => return Err(RelayEnd::TcpFailed(e.kind())),
                     },
+                    // Nothing read: whether a BYE can go now is decided below.
                     () = stop.cancelled(), if ending_since.is_none() => {
                         if session.cut.is_cancelled() {
                             lock(&state).ending.get_or_insert_with(|| (session.cut_reason)());
                         }
                         ending_since = Some(tokio::time::Instant::now());
-                        Vec::new()
                     }
                     () = async { match grace { Some(g) => tokio::time::sleep_until(g).await, None => std::future::pending().await } } => {
                         // The response in flight did not end in time: no BYE can be placed.
                         return Ok(());
                     }
                 }
-            };
+            }
             let bye = {
                 let mut guard = lock(&state);
                 let Watch {
@@ -986,7 +994,7 @@ async fn relay(
                     ending,
                 } = &mut *guard;
                 out.clear();
-                server.feed(&bytes, &mut out, client);
+                server.feed(&buf, &mut out, client);
                 ending.clone().filter(|_| server.at_boundary())
             };
             decided.notify_waiters();

@@ -236,9 +236,9 @@ impl Client {
             return Err(Stop::Malformed("too many commands in flight"));
         }
         self.tag = tag.to_vec();
-        out.extend_from_slice(&self.head);
-        self.remember(&self.head.clone());
-        self.head.clear();
+        let head = std::mem::take(&mut self.head);
+        out.extend_from_slice(&head);
+        self.remember(&head);
         self.line = Line::Rest;
         // The byte that ended the name is the first of the rest of the line.
         out.push(b);
@@ -397,7 +397,11 @@ impl Server {
             None
         };
         if !overlong {
-            if marker.is_none() && !self.continued {
+            // Most lines name no capability: they pass without being rewritten.
+            let lists_capabilities = line
+                .windows(b"CAPABILITY".len())
+                .any(|w| w.eq_ignore_ascii_case(b"CAPABILITY"));
+            if marker.is_none() && !self.continued && lists_capabilities {
                 out.extend_from_slice(&crate::response::rewrite_capabilities(&line, |c| {
                     !hidden(c)
                 }));
