@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -82,6 +82,11 @@ enum Command {
         /// still refused on Linux.
         #[arg(long)]
         plain_imap: bool,
+        /// How often to send a keep-alive to the broker while no data flows, such as `15s` (the
+        /// default) or `25s`: more often than the UDP timeout of the networks you use (NAT
+        /// routers and firewalls forget quiet flows after 30 s or more), at most 30s.
+        #[arg(long, value_name = "INTERVAL", value_parser = parse_interval)]
+        keep_alive: Option<Duration>,
     },
     /// Show who this device is, until when, and through which broker.
     Status,
@@ -159,7 +164,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Up {
             listens,
             plain_imap,
-        } => up(&home, &listens, plain_imap),
+            keep_alive,
+        } => up(&home, &listens, plain_imap, keep_alive),
         Command::Status => status(&home),
         Command::Trust { install } => crate::trust::trust(&home, install),
     }
@@ -325,7 +331,15 @@ fn logout(home: &Home) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn up(home: &Home, listens: &[(ServiceName, SocketAddr)], plain_imap: bool) -> anyhow::Result<()> {
+fn up(
+    home: &Home,
+    listens: &[(ServiceName, SocketAddr)],
+    plain_imap: bool,
+    keep_alive: Option<Duration>,
+) -> anyhow::Result<()> {
+    if let Some(every) = keep_alive {
+        crate::tunnel::check_keep_alive(every).map_err(anyhow::Error::msg)?;
+    }
     let mut identity = home.identity()?;
     let mut listens = listens.to_vec();
     if plain_imap {
@@ -349,6 +363,9 @@ fn up(home: &Home, listens: &[(ServiceName, SocketAddr)], plain_imap: bool) -> a
         let mut agent = Agent::start(&identity, &listens, SystemTime::now())
             .await?
             .with_renewal(home.clone(), identity.clone());
+        if let Some(every) = keep_alive {
+            agent = agent.with_keep_alive(every)?;
+        }
         let imap = identity
             .services
             .values()
@@ -492,6 +509,11 @@ fn status(home: &Home) -> anyhow::Result<()> {
 pub fn remaining(now: SystemTime, until: SystemTime) -> String {
     let seconds = until.duration_since(now).map_or(0, |d| d.as_secs());
     format!("{}h{:02}m left", seconds / 3600, seconds % 3600 / 60)
+}
+
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}` is not a duration such as 15s or 1m: {e}"))
 }
 
 fn parse_listen(text: &str) -> Result<(ServiceName, SocketAddr), String> {

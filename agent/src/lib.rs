@@ -16,6 +16,7 @@ pub mod renew;
 pub mod trust;
 pub mod tunnel;
 pub mod up;
+pub mod wake;
 
 pub use home::Home;
 pub use up::{Agent, UpError};

@@ -2,10 +2,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use postern_certs::{Bundle, ClientCredential};
-use postern_proto::{ALPN_TUNNEL, Answer, CloseCode, Open, Refusal, RefuseCode, ServiceName};
+use postern_proto::{
+    ALPN_TUNNEL, Answer, CloseCode, Notice, Open, Refusal, RefuseCode, ServiceName,
+};
 use postern_transport::{Tuning, read_frame, write_frame};
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream};
@@ -13,14 +15,51 @@ use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 use tracing::{debug, info};
 
-/// Transport settings of the agent's connection: keep-alives well inside common NAT and
-/// broker idle timeouts, so that a quiet IMAP IDLE keeps its tunnel.
-pub const TUNING: Tuning = Tuning {
-    idle_timeout: Duration::from_secs(120),
-    keep_alive: Some(Duration::from_secs(15)),
-    // The broker opens no streams towards the agent.
-    max_concurrent_streams: 0,
-};
+/// Default interval of keep-alive packets: well inside the UDP timeouts of common NATs and
+/// firewalls (30 s and more) and the broker's idle timeout, so that a quiet IMAP IDLE keeps its
+/// tunnel for as long as it likes. `postern up --keep-alive` changes it.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Shortest and longest keep-alive interval `postern up` accepts: more often wastes battery and
+/// data; the longest leaves four keep-alives in the default idle timeout (120 s), so that a few
+/// lost packets do not cost the connection, and is as long as many NATs keep a quiet flow.
+pub const KEEP_ALIVE_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(30);
+
+/// Whether `every` is a keep-alive interval `postern up` accepts; if not, what to choose.
+pub fn check_keep_alive(every: Duration) -> Result<(), String> {
+    if KEEP_ALIVE_RANGE.contains(&every) {
+        return Ok(());
+    }
+    Err(format!(
+        "a keep-alive every {} would not keep the tunnel well: choose between {}s and {}s (the default is {}s)",
+        humantime::format_duration(every),
+        KEEP_ALIVE_RANGE.start().as_secs(),
+        KEEP_ALIVE_RANGE.end().as_secs(),
+        KEEP_ALIVE.as_secs()
+    ))
+}
+
+/// A connection that hears nothing from the broker for this long is given up (the broker's
+/// own `limits.idle_timeout` applies too: the smaller wins).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Transport settings of the agent's connections with keep-alives every `keep_alive`.
+pub const fn tuning(keep_alive: Duration) -> Tuning {
+    Tuning {
+        idle_timeout: IDLE_TIMEOUT,
+        keep_alive: Some(keep_alive),
+        // The broker opens no streams towards the agent but its control stream.
+        max_concurrent_streams: 0,
+        control_streams: 1,
+    }
+}
+
+/// The agent's default transport settings.
+pub const TUNING: Tuning = tuning(KEEP_ALIVE);
+
+/// Longest a notice on the broker's control stream may take to arrive once the stream is open.
+const NOTICE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Delay between starting connection attempts to successive broker addresses.
 const ATTEMPT_STAGGER: Duration = Duration::from_millis(250);
@@ -62,6 +101,10 @@ pub struct Tunnel {
     /// Woken when the connection for new streams is replaced (renewal, a draining broker), so
     /// that `keep_connected` follows the new one.
     replaced: tokio::sync::Notify,
+    tuning: Tuning,
+    /// When the certificate in use ends: the tunnel does not reconnect by itself with an ended
+    /// one (renewal, or a new login, hands it the next).
+    not_after: std::sync::Mutex<SystemTime>,
 }
 
 /// What the tunnel is doing, for `postern status`.
@@ -70,7 +113,9 @@ pub enum TunnelState {
     /// Not connected yet: nothing has needed it.
     Idle,
     /// Connected to this broker address since then.
-    Connected(SocketAddr, std::time::SystemTime),
+    Connected(SocketAddr, SystemTime),
+    /// Not reconnecting: the certificate ended at this time; renewal or a new login is needed.
+    CertificateEnded(SystemTime),
     /// Lost or never made; the next attempt is this soon, and this was the last failure.
     Reconnecting {
         /// Attempts that failed in a row.
@@ -119,13 +164,29 @@ pub enum TunnelError {
     /// The agent could not set up QUIC.
     #[error("cannot set up the QUIC endpoint: {0}")]
     Setup(String),
+    /// The certificate cannot be used now (it ended during sleep and is not renewed); this says
+    /// why and what to do.
+    #[error("{0}")]
+    Unready(String),
 }
 
 impl Tunnel {
     /// A tunnel for the identity in `bundle`; nothing is sent until it is used.
     pub fn new(bundle: &Bundle, credential: ClientCredential) -> Result<Self, TunnelError> {
-        let config = Mutex::new(client_config(bundle, credential)?);
+        Self::with_tuning(bundle, credential, TUNING)
+    }
+
+    /// Like [`new`](Self::new), with other transport settings (another keep-alive interval).
+    pub fn with_tuning(
+        bundle: &Bundle,
+        credential: ClientCredential,
+        tuning: Tuning,
+    ) -> Result<Self, TunnelError> {
+        let not_after = certificate_end(bundle)?;
+        let config = Mutex::new(client_config(bundle, credential, tuning)?);
         Ok(Self {
+            tuning,
+            not_after: std::sync::Mutex::new(not_after),
             endpoint: endpoint()?,
             config,
             broker: bundle.broker.clone(),
@@ -159,7 +220,7 @@ impl Tunnel {
                 info!(broker = %self.broker, remote = %connection.remote_address(), "connected to the broker");
                 self.state.send_replace(TunnelState::Connected(
                     connection.remote_address(),
-                    std::time::SystemTime::now(),
+                    SystemTime::now(),
                 ));
                 *slot = Slot {
                     connection: Some(connection.clone()),
@@ -198,6 +259,25 @@ impl Tunnel {
     pub async fn keep_connected(&self, stop: tokio_util::sync::CancellationToken) {
         let mut failures: u32 = 0;
         loop {
+            // Enabled before the certificate is looked at, so that a renewal in between is not
+            // missed.
+            let renewed = self.replaced.notified();
+            tokio::pin!(renewed);
+            renewed.as_mut().enable();
+            let ended = *self.not_after.lock().unwrap_or_else(|e| e.into_inner());
+            if ended <= SystemTime::now() {
+                // Offering an ended certificate only earns a refusal (and an audit entry): wait
+                // for the renewal, which replaces it.
+                self.state.send_if_modified(|state| {
+                    let waiting = TunnelState::CertificateEnded(ended);
+                    (*state != waiting).then(|| *state = waiting).is_some()
+                });
+                tokio::select! {
+                    () = renewed => {}
+                    () = stop.cancelled() => return,
+                }
+                continue;
+            }
             let attempt = tokio::select! {
                 attempt = self.connection() => attempt,
                 () = stop.cancelled() => return,
@@ -207,10 +287,8 @@ impl Tunnel {
                     let remote = connection.remote_address();
                     if !matches!(*self.state.borrow(), TunnelState::Connected(at, _) if at == remote)
                     {
-                        self.state.send_replace(TunnelState::Connected(
-                            remote,
-                            std::time::SystemTime::now(),
-                        ));
+                        self.state
+                            .send_replace(TunnelState::Connected(remote, SystemTime::now()));
                     }
                     let since = Instant::now();
                     let closed = tokio::select! {
@@ -218,6 +296,28 @@ impl Tunnel {
                         // New streams use another connection now: follow it, and let this one
                         // close when its last session ends.
                         () = self.replaced.notified() => continue,
+                        grace = told_to_move(&connection) => {
+                            info!(
+                                grace_s = grace.as_secs(),
+                                "the broker is shutting down: programs connected through it may go on for up to {}s; new ones wait for a fresh connection",
+                                grace.as_secs()
+                            );
+                            self.set_aside(&connection).await;
+                            // Waits like after a loss, so that a broker that says this at once
+                            // every time is not asked again and again.
+                            failures = if since.elapsed() >= STABLE { 0 } else { failures.saturating_add(1) };
+                            let next = backoff(failures);
+                            self.state.send_replace(TunnelState::Reconnecting {
+                                failures,
+                                next,
+                                reason: "the broker is shutting down".into(),
+                            });
+                            tokio::select! {
+                                () = tokio::time::sleep(next) => {}
+                                () = stop.cancelled() => return,
+                            }
+                            continue;
+                        }
                         () = stop.cancelled() => return,
                     };
                     if !transient(&closed) {
@@ -241,6 +341,10 @@ impl Tunnel {
                     err.to_string()
                 }
             };
+            if *self.not_after.lock().unwrap_or_else(|e| e.into_inner()) <= SystemTime::now() {
+                // Lost because the certificate ended: no point in trying again with it.
+                continue;
+            }
             let next = backoff(failures);
             if failures > 0 {
                 debug!(failures, next_ms = next.as_millis(), %reason, "the broker cannot be reached; trying again");
@@ -372,6 +476,14 @@ impl Tunnel {
         }
     }
 
+    /// Stops handing out the current connection for new streams, whatever it is (after a
+    /// wake, when it may be dead at the broker): new streams go over a fresh connection, and
+    /// sessions on this one go on if it still lives.
+    pub async fn set_aside_current(&self) {
+        self.slot.lock().await.connection = None;
+        self.replaced.notify_waiters();
+    }
+
     async fn connect(&self) -> Result<Connection, TunnelError> {
         let config = self.config.lock().await.clone();
         dial(&self.endpoint, &config, &self.broker, &self.server_name).await
@@ -384,7 +496,9 @@ impl Tunnel {
         bundle: &Bundle,
         credential: ClientCredential,
     ) -> Result<(), TunnelError> {
-        *self.config.lock().await = client_config(bundle, credential)?;
+        let not_after = certificate_end(bundle)?;
+        *self.config.lock().await = client_config(bundle, credential, self.tuning)?;
+        *self.not_after.lock().unwrap_or_else(|e| e.into_inner()) = not_after;
         *self.slot.lock().await = Slot::default();
         self.replaced.notify_waiters();
         Ok(())
@@ -417,7 +531,7 @@ impl TunnelError {
         match self {
             TunnelError::Resolve { .. } | TunnelError::Lost(_) => true,
             TunnelError::Connect { transient, .. } => *transient,
-            TunnelError::Refused(_) | TunnelError::Setup(_) => false,
+            TunnelError::Refused(_) | TunnelError::Setup(_) | TunnelError::Unready(_) => false,
         }
     }
 }
@@ -440,14 +554,44 @@ fn backoff(failures: u32) -> Duration {
 fn client_config(
     bundle: &Bundle,
     credential: ClientCredential,
+    tuning: Tuning,
 ) -> Result<quinn::ClientConfig, TunnelError> {
     let setup = |e: &dyn std::fmt::Display| TunnelError::Setup(e.to_string());
     let tls = postern_certs::client_config(&bundle.server_cas, Some(credential), ALPN_TUNNEL)
         .map_err(|e| setup(&e))?;
     let quic = QuicClientConfig::try_from(tls).map_err(|e| setup(&e))?;
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
-    client_config.transport_config(TUNING.transport_config());
+    client_config.transport_config(tuning.transport_config());
     Ok(client_config)
+}
+
+fn certificate_end(bundle: &Bundle) -> Result<SystemTime, TunnelError> {
+    bundle
+        .inspect()
+        .map(|certificate| certificate.not_after)
+        .map_err(|e| TunnelError::Setup(e.to_string()))
+}
+
+/// Waits for the broker to say on its control stream that it is draining, and returns the
+/// grace period it gives open streams. Never returns while the broker says nothing else; other
+/// notices, and malformed ones, are skipped.
+async fn told_to_move(connection: &Connection) -> Duration {
+    loop {
+        let Ok(mut recv) = connection.accept_uni().await else {
+            // The connection ended: `closed()` tells why.
+            return std::future::pending().await;
+        };
+        match tokio::time::timeout(NOTICE_TIMEOUT, read_frame::<Notice>(&mut recv)).await {
+            Ok(Ok(Notice::Move { grace })) => return grace,
+            Ok(Err(err)) => {
+                debug!(error = %err, "ignoring a notice this agent does not understand");
+                let _ = recv.stop(postern_transport::reset_code(
+                    postern_proto::ResetCode::ProtocolViolation,
+                ));
+            }
+            Err(_) => debug!("the broker opened its control stream but sent no notice"),
+        }
+    }
 }
 
 /// A QUIC endpoint on a dual-stack socket, which reaches IPv4 and IPv6 addresses alike.
@@ -532,6 +676,9 @@ pub fn explain(error: &ConnectionError) -> String {
                 Some(116) => format!("the broker requires a client certificate; {new}"),
                 Some(120) => "the broker does not speak this agent's protocol version; update postern".into(),
                 Some(_) => format!("the broker refused this device's certificate ({close}); {new}"),
+                None if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED => {
+                    "the broker takes no new connections right now (it is shutting down or overloaded); the agent tries again".into()
+                }
                 None => format!("the broker closed the connection: {close}"),
             }
         }

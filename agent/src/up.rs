@@ -15,6 +15,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::local;
 use crate::tunnel::{Tunnel, TunnelError};
+use crate::wake::Guard;
 
 /// A running agent: listeners bound, tunnel ready.
 #[derive(Debug)]
@@ -22,7 +23,9 @@ pub struct Agent {
     tunnel: Arc<Tunnel>,
     listeners: Vec<(ServiceName, ServiceKind, TcpListener)>,
     shutdown: CancellationToken,
-    renewal: Option<(crate::Home, Bundle)>,
+    /// The identity served, and where it is stored when it may be renewed.
+    identity: Bundle,
+    home: Option<crate::Home>,
     /// TLS for IMAP services; without it they are served as plain IMAP on loopback.
     local_tls: Option<Arc<rustls::ServerConfig>>,
     notices: Vec<String>,
@@ -40,6 +43,9 @@ pub enum UpError {
     /// A `--listen` option is invalid.
     #[error("{0}")]
     Listen(String),
+    /// The keep-alive interval is out of range.
+    #[error("{0}")]
+    KeepAlive(String),
     /// A local port could not be bound.
     #[error("cannot listen on {addr} for `{service}`: {source}{hint}")]
     Bind {
@@ -145,7 +151,8 @@ impl Agent {
             tunnel,
             listeners,
             shutdown: CancellationToken::new(),
-            renewal: None,
+            identity: identity.clone(),
+            home: None,
             local_tls: None,
             notices,
         })
@@ -176,8 +183,24 @@ impl Agent {
 
     /// Renews `identity` (stored in `home`) before its certificate ends, while the agent runs.
     pub fn with_renewal(mut self, home: crate::Home, identity: Bundle) -> Self {
-        self.renewal = Some((home, identity));
+        self.home = Some(home);
+        self.identity = identity;
         self
+    }
+
+    /// Sends keep-alives every `every` instead of every [`KEEP_ALIVE`](crate::tunnel::KEEP_ALIVE).
+    pub fn with_keep_alive(mut self, every: Duration) -> Result<Self, UpError> {
+        crate::tunnel::check_keep_alive(every).map_err(UpError::KeepAlive)?;
+        let credential = self
+            .identity
+            .credential()
+            .map_err(|e| UpError::Identity(e.to_string()))?;
+        self.tunnel = Arc::new(Tunnel::with_tuning(
+            &self.identity,
+            credential,
+            crate::tunnel::tuning(every),
+        )?);
+        Ok(self)
     }
 
     /// Each service and the local address it is served on.
@@ -209,26 +232,31 @@ impl Agent {
             tunnel,
             listeners,
             shutdown,
-            renewal,
+            identity,
+            home,
             local_tls,
             notices: _,
         } = self;
         let tasks = TaskTracker::new();
-        if let Some((home, _)) = &renewal {
+        if let Some(home) = &home {
             tasks.spawn(report_state(
                 home.tunnel_state_path(),
                 tunnel.state(),
                 shutdown.clone(),
             ));
         }
-        if let Some((home, identity)) = renewal {
-            tasks.spawn(crate::renew::keep_renewed(
-                home,
-                identity,
-                tunnel.clone(),
-                shutdown.clone(),
-            ));
-        }
+        let not_after = identity
+            .inspect()
+            .map_or(SystemTime::UNIX_EPOCH, |certificate| certificate.not_after);
+        let guard = Arc::new(Guard::new(not_after));
+        tasks.spawn(crate::renew::keep_fresh(
+            home,
+            identity,
+            tunnel.clone(),
+            guard.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(watch_clock(guard.clone(), tunnel.clone(), shutdown.clone()));
         tasks.spawn(follow_network(tunnel.clone(), shutdown.clone()));
         // Connected ahead of the first program, so that it does not wait for the handshake, and
         // again whenever the connection is lost.
@@ -238,6 +266,7 @@ impl Agent {
         for (service, kind, listener) in listeners {
             let (tunnel, shutdown, sessions) = (tunnel.clone(), shutdown.clone(), tasks.clone());
             let local = Local {
+                guard: guard.clone(),
                 service,
                 imap: kind == ServiceKind::Imap,
                 tls: local_tls
@@ -294,6 +323,10 @@ pub fn describe_state(state: &crate::tunnel::TunnelState) -> String {
                 postern_certs::rfc3339(*since)
             )
         }
+        TunnelState::CertificateEnded(at) => format!(
+            "waiting: this device's certificate ended at {}; the agent renews it when the login allows; otherwise run `postern login`, then restart `postern up`",
+            postern_certs::rfc3339(*at)
+        ),
         TunnelState::Reconnecting {
             failures,
             next,
@@ -305,6 +338,38 @@ pub fn describe_state(state: &crate::tunnel::TunnelState) -> String {
             ))
         ),
     }
+}
+
+/// Longest a program's connection waits for the certificate check after a wake (which renews
+/// an ended certificate over the network) before it is told to try again.
+const CHECK_WAIT: Duration = Duration::from_secs(30);
+
+/// Looks at the clocks every [`TICK`](crate::wake::TICK), so that a wake is noticed, and the
+/// certificate checked, even before a program connects.
+async fn watch_clock(guard: Arc<Guard>, tunnel: Arc<Tunnel>, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(crate::wake::TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        if let Some(gap) = guard.look() {
+            woke(gap, tunnel.clone()).await;
+        }
+    }
+}
+
+/// After a wake: says so, and sets the connection aside for new streams. The broker may have
+/// dropped it meanwhile (its idle timeout, a restart) while this side, whose timers did not
+/// run, still takes it for alive; a fresh connection costs one handshake, and sessions on the
+/// old one go on if it lives.
+async fn woke(gap: Duration, tunnel: Arc<Tunnel>) {
+    let slept = humantime::format_duration(Duration::from_secs(gap.as_secs()));
+    info!(
+        "this device was asleep or stopped for about {slept}: checking the certificate before serving programs"
+    );
+    tunnel.set_aside_current().await;
 }
 
 /// How often the agent looks at which local address reaches the broker.
@@ -369,6 +434,8 @@ fn fresh_socket(current: Option<SocketAddr>) -> std::io::Result<std::net::UdpSoc
 /// How one service is served locally.
 #[derive(Clone)]
 struct Local {
+    /// Whether the certificate may be used now (after a wake, it is checked first).
+    guard: Arc<Guard>,
     service: ServiceName,
     /// The broker speaks IMAP for it: refusals are told as `* BYE`.
     imap: bool,
@@ -398,6 +465,11 @@ async fn accept_loop(
             },
             () = shutdown.cancelled() => return,
         };
+        // First thing, so that a check after a wake starts while the program does its TLS
+        // handshake.
+        if let Some(gap) = local.guard.look() {
+            sessions.spawn(woke(gap, tunnel.clone()));
+        }
         let span = info_span!("local", %service, client.addr = %peer);
         let (tunnel, shutdown, local) = (tunnel.clone(), shutdown.clone(), local.clone());
         sessions.spawn(
@@ -460,10 +532,18 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     shutdown: &CancellationToken,
 ) {
     let service = &local.service;
-    let (send, recv) = match tunnel.open(service).await {
+    let opened = match local.guard.ready(CHECK_WAIT).await {
+        Ok(()) => tunnel.open(service).await,
+        Err(why) => Err(TunnelError::Unready(why)),
+    };
+    let (send, recv) = match opened {
         Ok(streams) => streams,
         Err(err) => {
             let reason = match &err {
+                TunnelError::Unready(why) => {
+                    warn!("not forwarding a connection to `{service}`: {why}");
+                    why.clone()
+                }
                 TunnelError::Refused(refusal) => {
                     warn!(code = %refusal.code(), "the broker refused `{service}`: {}", refusal.reason());
                     refusal.reason().to_owned()

@@ -279,6 +279,7 @@ pub(crate) async fn quic(len: u64) -> anyhow::Result<Route> {
         idle_timeout: Duration::from_secs(120),
         keep_alive: None,
         max_concurrent_streams: 256,
+        control_streams: 0,
     };
     server.transport_config(tuning.transport_config());
     let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse()?)?;

@@ -69,6 +69,13 @@ pub enum Event<'a> {
         /// Configured services.
         services: Vec<String>,
     },
+    /// The broker began to drain (SIGTERM): no new connections, open sessions may finish.
+    BrokerDrain {
+        /// Sessions open when the drain began.
+        sessions: usize,
+        /// Time they get to finish.
+        grace: Duration,
+    },
     /// The broker stopped.
     BrokerStop {
         /// Why.
@@ -387,6 +394,9 @@ impl Audit {
                 "server": { "address": listen.to_string(), "port": listen.port() },
                 "postern": { "policies_loaded": policies, "services": services },
             }),
+            Event::BrokerDrain { sessions, grace } => json!({
+                "postern": { "sessions": sessions, "grace_seconds": grace.as_secs() },
+            }),
             Event::BrokerStop {
                 reason,
                 sessions_cut,
@@ -681,6 +691,7 @@ impl Event<'_> {
     pub fn action(&self) -> &'static str {
         match self {
             Event::BrokerStart { .. } => "broker.start",
+            Event::BrokerDrain { .. } => "broker.drain",
             Event::BrokerStop { .. } => "broker.stop",
             Event::ConnectionDeny { .. } => "connection.deny",
             Event::ConnectionOpen { .. } => "connection.open",
@@ -715,7 +726,9 @@ impl Event<'_> {
 
     fn category(&self) -> &'static [&'static str] {
         match self {
-            Event::BrokerStart { .. } | Event::BrokerStop { .. } => &["process"],
+            Event::BrokerStart { .. } | Event::BrokerDrain { .. } | Event::BrokerStop { .. } => {
+                &["process"]
+            }
             Event::ConnectionDeny { .. } | Event::ConnectionOpen { .. } => {
                 &["authentication", "network"]
             }

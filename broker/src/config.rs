@@ -23,8 +23,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default idle timeout of a QUIC connection.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Default number of streams an agent may have open on one connection.
-pub const DEFAULT_MAX_STREAMS: u32 = 256;
+/// Default number of streams an agent may have open on one connection: as many as one person's
+/// sessions (quinn keeps state for every stream it allows, so no more than can be used).
+pub const DEFAULT_MAX_STREAMS: u32 = 64;
 /// Default `limits.max_sessions_per_user`.
 pub const DEFAULT_MAX_SESSIONS_PER_USER: usize = 64;
 /// Default `limits.max_pending_connects`.

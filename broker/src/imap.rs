@@ -88,7 +88,14 @@ pub(crate) struct Session<'a> {
     pub(crate) cut: &'a CancellationToken,
     /// Why the session was cut, for the client's `BYE`.
     pub(crate) cut_reason: &'a (dyn Fn() -> String + Sync),
+    /// Cancelled when the broker starts draining: the session ends with `* BYE` at its next
+    /// boundary between responses, so that the mail client reconnects (and reaches the
+    /// restarted broker) instead of holding the drain open until its grace period ends.
+    pub(crate) drain: &'a CancellationToken,
 }
+
+/// What a mail client is told when the broker drains.
+const DRAIN_REASON: &str = "The gateway is restarting; connect again in a moment";
 
 /// Writes an audit event about a session: the step, the mailbox, why, and the deciding policies.
 pub(crate) type AuditFn<'a> = dyn Fn(ImapStep, Option<&str>, Option<&str>, &[String]) + Sync + 'a;
@@ -406,6 +413,10 @@ pub(crate) async fn serve(
         () = session.cut.cancelled() => {
             let text = format!("* BYE [UNAVAILABLE] {}\r\n", one_line(&(session.cut_reason)()));
             let _ = send.write_all(text.as_bytes()).await;
+            Phase::Over(RelayEnd::Cancelled, None)
+        }
+        () = session.drain.cancelled() => {
+            let _ = send.write_all(format!("* BYE [UNAVAILABLE] {DRAIN_REASON}\r\n").as_bytes()).await;
             Phase::Over(RelayEnd::Cancelled, None)
         }
     };
@@ -867,6 +878,8 @@ struct Watch {
     server: watch::Server,
     /// Why the session is ending, once it is.
     ending: Option<String>,
+    /// Whether it ends because the client sent what Postern does not pass on.
+    refused: bool,
 }
 
 /// Copies bytes both ways after login, watching both directions.
@@ -882,6 +895,7 @@ async fn relay(
         client: watch::Client::default(),
         server: watch::Server::default(),
         ending: None,
+        refused: false,
     });
     let decided = Notify::new();
     // Cancelled when the session ends: cut from outside, or a refused command.
@@ -933,7 +947,11 @@ async fn relay(
                     Some(&reason),
                     &[],
                 );
-                lock(&state).ending = Some(reason);
+                {
+                    let mut state = lock(&state);
+                    state.ending = Some(reason);
+                    state.refused = true;
+                }
                 stop.cancel();
                 return Ok(());
             }
@@ -960,6 +978,7 @@ async fn relay(
         buf.extend_from_slice(&from_server);
         let mut unread = !buf.is_empty();
         let mut ending_since: Option<tokio::time::Instant> = None;
+        let mut draining = false;
         loop {
             if !std::mem::take(&mut unread) {
                 buf.clear();
@@ -980,6 +999,12 @@ async fn relay(
                         }
                         ending_since = Some(tokio::time::Instant::now());
                     }
+                    // Ends at the next boundary, whenever that is within the grace period:
+                    // a response in flight is not cut short.
+                    () = session.drain.cancelled(), if !draining && ending_since.is_none() => {
+                        draining = true;
+                        lock(&state).ending.get_or_insert_with(|| DRAIN_REASON.to_owned());
+                    }
                     () = async { match grace { Some(g) => tokio::time::sleep_until(g).await, None => std::future::pending().await } } => {
                         // The response in flight did not end in time: no BYE can be placed.
                         return Ok(());
@@ -992,6 +1017,7 @@ async fn relay(
                     client,
                     server,
                     ending,
+                    refused: _,
                 } = &mut *guard;
                 out.clear();
                 server.feed(&buf, &mut out, client);
@@ -1050,12 +1076,7 @@ async fn relay(
             }
         }
     };
-    let ending = lock(&state).ending.take();
-    let reason = if session.cut.is_cancelled() {
-        None
-    } else {
-        ending.map(|_| "refused_command".to_owned())
-    };
+    let reason = lock(&state).refused.then(|| "refused_command".to_owned());
     if !matches!(end, RelayEnd::Closed) {
         let _ = recv.stop(postern_transport::reset_code(
             postern_proto::ResetCode::Cancelled,

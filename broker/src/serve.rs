@@ -15,7 +15,8 @@ use postern_policy::{
     Action, Authentication, Certificate, Decision, LoadError, Policies, Principal, Request,
 };
 use postern_proto::{
-    ALPN_ENROLL, ALPN_TUNNEL, Answer, CloseCode, Open, Refusal, RefuseCode, ResetCode, ServiceName,
+    ALPN_ENROLL, ALPN_TUNNEL, Answer, CloseCode, Notice, Open, Refusal, RefuseCode, ResetCode,
+    ServiceName,
 };
 use postern_transport::{
     FrameError, RelayEnd, Tuning, close_code, read_frame, relay, reset_code, write_frame,
@@ -84,12 +85,12 @@ pub enum StartError {
         source: std::io::Error,
     },
     /// The UDP address cannot be bound.
-    #[error("cannot listen on UDP {addr}: {source}{hint}")]
+    #[error("cannot listen on UDP {addr}: {error}{hint}")]
     Bind {
         /// The address from `broker.listen`.
         addr: SocketAddr,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (not a `source`: the message says it already).
+        error: std::io::Error,
         /// What to do about it.
         hint: &'static str,
     },
@@ -236,9 +237,9 @@ impl Broker {
                 source,
             })?,
         );
-        let endpoint = Endpoint::server(server_config, config.listen).map_err(|source| StartError::Bind {
+        let endpoint = Endpoint::server(server_config, config.listen).map_err(|error| StartError::Bind {
             addr: config.listen,
-            hint: match source.kind() {
+            hint: match error.kind() {
                 std::io::ErrorKind::AddrInUse => {
                     "; another process uses this port: stop it, or choose another `broker.listen`"
                 }
@@ -248,7 +249,7 @@ impl Broker {
                 std::io::ErrorKind::AddrNotAvailable => "; this machine has no such address",
                 _ => "",
             },
-            source,
+            error,
         })?;
 
         let metrics = config
@@ -359,9 +360,22 @@ impl Broker {
             }
         }
 
-        endpoint.set_server_config(None);
+        // New connections are refused outright (rather than left unanswered), so that agents
+        // try again soon, and reach the restarted broker or another replica.
+        let refusing = tokio::spawn({
+            let endpoint = endpoint.clone();
+            async move {
+                while let Some(incoming) = endpoint.accept().await {
+                    incoming.refuse();
+                }
+            }
+        });
         let grace = shared.config.limits.shutdown_grace;
-        info!(sessions = shared.open_sessions.load(Ordering::Relaxed), grace = %humantime::format_duration(grace), "shutting down: no new connections; open sessions may finish");
+        let sessions = shared.open_sessions.load(Ordering::Relaxed);
+        info!(sessions, grace = %humantime::format_duration(grace), "shutting down: no new connections; open sessions may finish");
+        shared
+            .audit
+            .record_or_log(&Event::BrokerDrain { sessions, grace });
         connections.close();
         let mut sessions_cut = 0;
         tokio::select! {
@@ -375,6 +389,7 @@ impl Broker {
             shared.abort.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
         }
+        refusing.abort();
         endpoint.close(
             close_code(CloseCode::ShuttingDown),
             b"broker is shutting down",
@@ -386,6 +401,17 @@ impl Broker {
         });
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         info!("broker stopped");
+    }
+}
+
+/// The broker's transport settings under `limits`: no keep-alives of its own (agents send
+/// them), and no streams towards agents but the control stream the agent allows.
+pub fn tuning(limits: &crate::config::Limits) -> Tuning {
+    Tuning {
+        idle_timeout: limits.idle_timeout,
+        keep_alive: None,
+        max_concurrent_streams: limits.max_streams_per_connection,
+        control_streams: 0,
     }
 }
 
@@ -484,12 +510,7 @@ impl Loaded {
         let quic =
             QuicServerConfig::try_from(tls).map_err(|e| bad(&pki.server_cert, e.to_string()))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        let tuning = Tuning {
-            idle_timeout: config.limits.idle_timeout,
-            keep_alive: None,
-            max_concurrent_streams: config.limits.max_streams_per_connection,
-        };
-        server_config.transport_config(tuning.transport_config());
+        server_config.transport_config(tuning(&config.limits).transport_config());
 
         let policies =
             Policies::load_dir(&config.policy_dir).map_err(|source| StartError::Policy {
@@ -712,6 +733,20 @@ async fn serve_connection(peer: Arc<Peer>, shared: Arc<Shared>, source: SocketAd
             () = shared.shutdown.cancelled(), if !draining => {
                 draining = true;
                 streams.close();
+                // Told at once rather than at the agent's next stream, so that it moves its
+                // new streams elsewhere while these finish. (Without open streams the
+                // connection closes at once, which says as much.) An agent that allows no
+                // control stream never lets it open: the notice is then given up.
+                if !streams.is_empty() {
+                    let connection = peer.connection.clone();
+                    let grace = shared.config.limits.shutdown_grace;
+                    streams.spawn(async move {
+                        let told = tokio::time::timeout(NOTICE_TIMEOUT, tell_to_move(&connection, grace)).await;
+                        if !matches!(told, Ok(Ok(()))) {
+                            debug!("the agent could not be told to move; it learns at its next stream");
+                        }
+                    });
+                }
             }
             () = streams.wait(), if draining => {
                 peer.connection.close(close_code(CloseCode::ShuttingDown), b"broker is shutting down");
@@ -729,6 +764,20 @@ async fn serve_connection(peer: Arc<Peer>, shared: Arc<Shared>, source: SocketAd
         duration: started.elapsed(),
         reason,
     });
+}
+
+/// Longest the broker tries to tell an agent to move when it starts draining.
+const NOTICE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Tells the agent on its control stream that this broker is draining.
+async fn tell_to_move(connection: &quinn::Connection, grace: Duration) -> Result<(), String> {
+    let mut send = connection.open_uni().await.map_err(|e| e.to_string())?;
+    write_frame(&mut send, &Notice::Move { grace })
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let _ = send.stopped().await;
+    Ok(())
 }
 
 async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
@@ -1133,6 +1182,7 @@ async fn serve_imap(
         logged_in: mailbox,
         cut: &live.cut,
         cut_reason: &cut_reason,
+        drain: &shared.shutdown,
     };
     crate::imap::serve(session, send, recv, mail).await
 }

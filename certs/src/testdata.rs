@@ -122,3 +122,24 @@ pub fn issue(
 pub fn private_key(pem: &SecretPem) -> PrivateKeyDer<'static> {
     PrivateKeyDer::from_pem_slice(pem.expose().as_bytes()).expect("generated key")
 }
+
+/// TLS for both ends of a tunnel connection from the committed PKI: the broker's (server
+/// certificate for `localhost`, client certificates from the client CA required) and an
+/// agent's with a fresh certificate for alice, valid from `now` for `lifetime`.
+pub fn tunnel_tls(
+    now: SystemTime,
+    lifetime: Duration,
+) -> (rustls::ServerConfig, rustls::ClientConfig) {
+    let (chain, key) = server_credential();
+    let server = crate::server_config(
+        chain,
+        key,
+        std::sync::Arc::new(client_verifier()),
+        &[postern_proto::ALPN_TUNNEL],
+    )
+    .expect("server TLS");
+    let credential = issue(&client_ca(), &alice(now), now, lifetime);
+    let client = crate::client_config(&server_cas(), Some(credential), postern_proto::ALPN_TUNNEL)
+        .expect("client TLS");
+    (server, client)
+}

@@ -24,6 +24,7 @@ const _: () = assert!(MAX_SERVICE_NAME_LEN <= MAX_BODY_LEN && 2 + MAX_REASON_LEN
 const TYPE_OPEN: u8 = 0x01;
 const TYPE_OPENED: u8 = 0x02;
 const TYPE_REFUSED: u8 = 0x03;
+const TYPE_MOVE: u8 = 0x04;
 
 /// A frame that can be written to and read from a stream.
 pub trait Frame: Sized {
@@ -69,6 +70,19 @@ pub enum Answer {
     Opened,
     /// The broker will not connect this stream.
     Refused(Refusal),
+}
+
+/// A frame on the broker's control stream: the one unidirectional stream the broker may open
+/// towards the agent, to tell it something about the whole connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// The broker is draining (an upgrade, a restart): streams open on this connection go on
+    /// for up to `grace`; new streams belong on a fresh connection, to this broker once it is
+    /// back or to another one.
+    Move {
+        /// How long open streams may still run here, at most; whole seconds on the wire.
+        grace: std::time::Duration,
+    },
 }
 
 /// Why a stream was refused: a code for programs and a sentence for people.
@@ -220,6 +234,43 @@ impl Frame for Answer {
     }
 }
 
+impl Frame for Notice {
+    fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, DecodeError> {
+        let Some(RawFrame { kind, body, total }) = split::<Self>(buf)? else {
+            return Ok(None);
+        };
+        let notice = match kind {
+            TYPE_MOVE => {
+                let seconds = body
+                    .first_chunk::<4>()
+                    .filter(|_| body.len() == 4)
+                    .ok_or(DecodeError::Malformed("Move"))?;
+                Notice::Move {
+                    grace: std::time::Duration::from_secs(u64::from(u32::from_be_bytes(*seconds))),
+                }
+            }
+            other => return Err(DecodeError::UnexpectedType(other)),
+        };
+        Ok(Some((notice, total)))
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            Notice::Move { grace } => {
+                let seconds = u32::try_from(grace.as_secs()).unwrap_or(u32::MAX);
+                encode_frame(TYPE_MOVE, &[&seconds.to_be_bytes()])
+            }
+        }
+    }
+
+    fn body_limit(kind: u8) -> Result<usize, DecodeError> {
+        match kind {
+            TYPE_MOVE => Ok(4),
+            other => Err(DecodeError::UnexpectedType(other)),
+        }
+    }
+}
+
 impl Refusal {
     /// A refusal with a reason for people.
     ///
@@ -355,6 +406,38 @@ mod tests {
         assert_eq!(Answer::Opened.encode(), b"\x02\x00\x00");
         let refused = Answer::Refused(Refusal::new(RefuseCode::UnknownService, "no"));
         assert_eq!(refused.encode(), b"\x03\x00\x04\x00\x02no");
+        let moved = Notice::Move {
+            grace: std::time::Duration::from_secs(30),
+        };
+        assert_eq!(moved.encode(), b"\x04\x00\x04\x00\x00\x00\x1e");
+    }
+
+    #[test]
+    fn notices_round_trip_and_refuse_other_layouts() {
+        for seconds in [0, 1, 30, u64::from(u32::MAX)] {
+            let notice = Notice::Move {
+                grace: std::time::Duration::from_secs(seconds),
+            };
+            let bytes = notice.encode();
+            assert_eq!(Notice::decode(&bytes), Ok(Some((notice, bytes.len()))));
+        }
+        // Longer than a u32 of seconds: the most the wire can say.
+        let long = Notice::Move {
+            grace: std::time::Duration::from_secs(u64::MAX),
+        };
+        assert_eq!(long.encode(), b"\x04\x00\x04\xff\xff\xff\xff");
+        assert_eq!(
+            Notice::decode(b"\x04\x00\x03\x00\x00\x1e"),
+            Err(DecodeError::Malformed("Move"))
+        );
+        assert!(matches!(
+            Notice::decode(b"\x04\x00\x05\x00\x00\x00\x1e\x00"),
+            Err(DecodeError::TooLong { len: 5, limit: 4 })
+        ));
+        assert_eq!(
+            Notice::decode(b"\x02\x00\x00"),
+            Err(DecodeError::UnexpectedType(0x02))
+        );
     }
 
     #[test]

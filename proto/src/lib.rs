@@ -23,7 +23,8 @@ pub use enroll::{
     proof_message,
 };
 pub use frame::{
-    Answer, DecodeError, Frame, HEADER_LEN, MAX_BODY_LEN, MAX_REASON_LEN, Open, Refusal, RefuseCode,
+    Answer, DecodeError, Frame, HEADER_LEN, MAX_BODY_LEN, MAX_REASON_LEN, Notice, Open, Refusal,
+    RefuseCode,
 };
 pub use service::{MAX_SERVICE_NAME_LEN, ServiceKind, ServiceName, ServiceNameError};
 

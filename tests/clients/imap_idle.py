@@ -2,7 +2,8 @@
 """Log in over implicit TLS with Python's imaplib, select INBOX and IDLE until the server (or
 whatever is in between) ends the connection.
 
-Prints `idling` once the server accepted IDLE, then `closed: <how>` when the connection ends.
+Prints `idling` once the server accepted IDLE, `exists: <n>` when the server announces new
+mail, and `closed: <how>` when the connection ends.
 The server's certificate is verified against --cafile.
 """
 import argparse
@@ -36,6 +37,10 @@ def main() -> int:
             if not line:
                 print("closed: end of stream", flush=True)
                 return 0
+            words = line.split()
+            if len(words) == 3 and words[0] == b"*" and words[2].upper() == b"EXISTS":
+                print(f"exists: {words[1].decode()}", flush=True)
+                continue
             if line.startswith(b"* BYE"):
                 print(f"closed: {line.decode(errors='replace').strip()}", flush=True)
                 return 0

@@ -87,9 +87,25 @@ async fn the_quickstart_works_as_written() {
         "{printed}"
     );
 
+    // A keep-alive interval that would not keep the tunnel is refused, saying what works.
+    let refused = Command::new(postern)
+        .args(["up", "--keep-alive", "90s"])
+        .env("POSTERN_HOME", &home)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("choose between 1s and 30s"), "{said}");
+
     let local = format!("127.0.0.1:{}", free_tcp_port());
     let mut up = Command::new(postern)
-        .args(["up", "--listen", &format!("imap={local}")])
+        .args([
+            "up",
+            "--keep-alive",
+            "20s",
+            "--listen",
+            &format!("imap={local}"),
+        ])
         .env("POSTERN_HOME", &home)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -637,6 +637,53 @@ async fn a_client_that_does_not_log_in_in_time_is_told_so() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_broker_tells_idle_mail_clients_to_reconnect_and_stops_early() {
+    let dovecot = mail_server::<Dovecot>();
+    // The default grace period: 30 s.
+    let mut gateway = imap_gateway(&dovecot, None).await;
+    let alice = person(&gateway, "alice@example.org", &[]).await;
+    let mut idle = ImapIdle::start(alice.addr("mail"), alice.local_ca(), "alice", ALICE_PW).await;
+    // Logged in and between commands.
+    let (mut wire, _) = ImapWire::connect(alice.addr("mail"), alice.local_ca()).await;
+    wire.send(format!("a LOGIN alice \"{ALICE_PW}\"\r\n").as_bytes())
+        .await;
+    assert!(last(&wire.until("a").await).starts_with("a OK"));
+
+    gateway.begin_shutdown();
+    let ended = idle
+        .ended_within(Duration::from_secs(5))
+        .await
+        .expect("the IDLE client was told");
+    assert!(
+        ended.contains("* BYE [UNAVAILABLE] The gateway is restarting"),
+        "{ended}"
+    );
+    let bye = wire.line().await;
+    assert!(
+        bye.starts_with("* BYE [UNAVAILABLE] The gateway is restarting"),
+        "{bye}"
+    );
+    // With its mail clients gone, the broker stops long before the grace period ends.
+    tokio::time::timeout(Duration::from_secs(15), gateway.join())
+        .await
+        .expect("the broker stopped once its sessions ended");
+    let drain = gateway.audit_events("broker.drain");
+    assert_eq!(drain[0]["postern"]["sessions"], 2);
+    assert_eq!(drain[0]["postern"]["grace_seconds"], 30);
+    assert_eq!(
+        gateway.audit_events("broker.stop")[0]["postern"]["sessions_cut"],
+        0
+    );
+    let closed = gateway.audit_events("session.close");
+    assert_eq!(closed.len(), 2);
+    assert!(
+        closed.iter().all(|e| e["event"]["reason"] == "shutdown"),
+        "{closed:#?}"
+    );
+    finish(gateway, [alice]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_upgrades_a_plain_port_with_starttls() {
     let dovecot = mail_server::<Dovecot>();
     let ca = dovecot.ca().display().to_string();

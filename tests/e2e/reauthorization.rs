@@ -4,6 +4,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use postern_agent::tunnel::{Tunnel, TunnelError};
+use postern_proto::{RefuseCode, ServiceName};
 use postern_tests::{AgentHandle, Dovecot, Gateway, ImapIdle, Message, imap_fetch};
 
 const PASSWORD: &str = "correct horse";
@@ -229,6 +231,10 @@ async fn a_renewed_login_keeps_its_idle_session_past_the_old_certificate() {
         .not_after;
     let old = AgentHandle::start(&first).await;
     let mut session = idle(&dovecot, &old).await;
+    // Another connection on the first certificate, made while it is valid, for new streams
+    // after its end (the agent itself no longer offers an ended certificate).
+    let raw = Tunnel::new(&first, first.credential().unwrap()).unwrap();
+    raw.connection().await.unwrap();
 
     // The same login, renewed: the broker sees its new certificate on a new connection.
     let renewed = AgentHandle::start(&gateway.recertify(&issued, Duration::from_secs(3600))).await;
@@ -245,11 +251,17 @@ async fn a_renewed_login_keeps_its_idle_session_past_the_old_certificate() {
         "the IDLE session lives on"
     );
     assert!(session.is_open());
-    // New streams on the old certificate are refused; the renewed one serves them.
+    // New streams on the old certificate are refused: the agent says so itself, and the
+    // broker refuses them on a connection made before the end; the renewed one serves them.
     assert!(
         imap_fetch(old.addr("imap"), &dovecot.ca(), "alice", PASSWORD)
             .await
             .is_err()
+    );
+    let refused = raw.open(&ServiceName::new("imap").unwrap()).await;
+    assert!(
+        matches!(&refused, Err(TunnelError::Refused(r)) if r.code() == RefuseCode::CertificateExpired),
+        "{refused:?}"
     );
     gateway
         .wait_for_audit("connect.deny", |e| {

@@ -337,3 +337,83 @@ async fn a_certificate_that_ended_during_sleep_is_renewed_when_the_agent_starts(
     gateway.stop().await;
     idp.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_sleep_longer_than_the_certificate_the_first_program_is_served_with_a_renewed_one()
+{
+    let idp = Idp::start(&IdpOptions::default());
+    let echo = postern_tests::echo_server().await;
+    let table = idp.oidc_table();
+    let gateway = Gateway::start_with(&[("echo", echo)], None, |text| {
+        // No tolerance for clock skew: the broker ends the connection when the certificate
+        // ends, as it does, a minute later, by default.
+        *text = text
+            .replace("[login]\n", "[login]\ncertificate_ttl = \"12s\"\n")
+            .replace("# max_clock_skew = \"60s\"", "max_clock_skew = \"1s\"");
+        text.push_str(&table);
+    })
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let first = log_in(&gateway, home.path()).await;
+    let log = home.path().join("up.log");
+    let mut child = std::process::Command::new(postern())
+        .args(["up", "--listen", "echo=127.0.0.1:0"])
+        .env("POSTERN_HOME", home.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let up = postern_tests::Running(child);
+    let line = postern_tests::wait_for_line(stdout, "postern: echo on");
+    let addr: std::net::SocketAddr = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let echo_once = |text: &'static [u8]| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stream, text)
+            .await
+            .unwrap();
+        let mut back = vec![0u8; text.len()];
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::io::AsyncReadExt::read_exact(&mut stream, &mut back),
+        )
+        .await
+        .map(|read| read.map(|_| back))
+    };
+    assert_eq!(echo_once(b"before").await.unwrap().unwrap(), b"before");
+
+    // The laptop sleeps (the agent runs no code) until well after its certificate ended; the
+    // broker meanwhile closed the connection that certificate opened.
+    let before = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !before.contains("certificate renewed"),
+        "renewed before the sleep: the test would not show a wake\n{before}"
+    );
+    up.freeze();
+    let ended = first.inspect().unwrap().not_after;
+    let asleep =
+        ended.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_secs(3);
+    tokio::time::sleep(asleep).await;
+    up.thaw();
+    // A program connects at once: it is served, over a renewed certificate.
+    assert_eq!(
+        echo_once(b"awake").await.expect("answered").expect("read"),
+        b"awake"
+    );
+    let renewed = Home::at(home.path().to_owned()).identity().unwrap();
+    assert!(renewed.inspect().unwrap().not_after > SystemTime::now());
+    // The ended certificate was never offered to the broker, and nothing was refused.
+    assert!(gateway.audit_events("connection.deny").is_empty());
+    let refused: Vec<_> = gateway
+        .audit_events("connect.deny")
+        .into_iter()
+        .filter(|e| e["postern"]["refuse_code"] == "certificate_expired")
+        .collect();
+    assert!(refused.is_empty(), "{refused:#?}");
+    assert!(up.terminate().success());
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("asleep or stopped"), "{said}");
+    assert!(said.contains("certificate renewed"), "{said}");
+    gateway.stop().await;
+    idp.stop();
+}

@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 
 use tempfile::TempDir;
 
+use crate::Namespace;
 use crate::daemon::{Daemon, chown_tree, set_mode};
 
 /// A running Dovecot serving IMAPS on 127.0.0.1, and IMAP with STARTTLS on another port.
@@ -25,6 +26,16 @@ pub struct Message(pub Vec<u8>);
 impl Dovecot {
     /// Starts Dovecot with `users` (name, password, messages in INBOX).
     pub fn start(users: &[(&str, &str, Vec<Message>)]) -> Self {
+        Self::launch(users, None)
+    }
+
+    /// Starts Dovecot with `users` inside `namespace`, on that namespace's own 127.0.0.1: only
+    /// programs in the namespace reach it.
+    pub fn start_in(namespace: &Namespace, users: &[(&str, &str, Vec<Message>)]) -> Self {
+        Self::launch(users, Some(namespace))
+    }
+
+    fn launch(users: &[(&str, &str, Vec<Message>)], namespace: Option<&Namespace>) -> Self {
         assert!(
             Path::new("/usr/sbin/dovecot").exists(),
             "Dovecot is not installed; run scripts/install-test-deps"
@@ -81,19 +92,26 @@ impl Dovecot {
             );
             std::fs::write(dir.path().join("dovecot.conf"), config).unwrap();
             let log = std::fs::File::create(dir.path().join("stdio.log")).unwrap();
-            let child = Command::new("/usr/sbin/dovecot")
-                .arg("-F")
-                .arg("-c")
-                .arg(dir.path().join("dovecot.conf"))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("dovecot starts");
+            let child = match namespace {
+                Some(namespace) => namespace.command("/usr/sbin/dovecot"),
+                None => Command::new("/usr/sbin/dovecot"),
+            }
+            .arg("-F")
+            .arg("-c")
+            .arg(dir.path().join("dovecot.conf"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("dovecot starts");
             // Dovecot stays in the tests' process group: stopped alone.
             let mut daemon = Daemon::new("dovecot", child, false);
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            if daemon.wait_until(|| TcpStream::connect(addr).is_ok(), || logs(dir.path())) {
+            let listening = || match namespace {
+                Some(namespace) => namespace.can_connect(addr),
+                None => TcpStream::connect(addr).is_ok(),
+            };
+            if daemon.wait_until(listening, || logs(dir.path())) {
                 return Dovecot {
                     daemon,
                     dir,
@@ -109,12 +127,32 @@ impl Dovecot {
         );
     }
 
-    /// Where IMAPS is served.
+    /// Delivers `message` to `user`'s INBOX as a mail server's delivery agent does (written
+    /// aside, then moved into `new/`): an IDLE client hears of it at once.
+    pub fn deliver(&self, user: &str, message: &Message) {
+        let maildir = self.dir.path().join("home").join(user).join("Maildir");
+        let name = format!(
+            "{}.M{}P1.delivered",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+            crate::daemon::hex(&crate::random_bytes(4))
+        );
+        let aside = maildir.join("tmp").join(&name);
+        std::fs::write(&aside, &message.0).unwrap();
+        let (uid, gid, _, _) = accounts();
+        chown_tree(&aside, uid, gid);
+        std::fs::rename(&aside, maildir.join("new").join(&name)).unwrap();
+    }
+
+    /// Where IMAPS is served (inside the namespace, for [`start_in`](Self::start_in)).
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
-    /// Where IMAP is served, with STARTTLS required before a login.
+    /// Where IMAP is served, with STARTTLS required before a login (inside the namespace, for
+    /// [`start_in`](Self::start_in)).
     pub fn starttls_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.starttls_port))
     }
@@ -145,6 +183,22 @@ impl Message {
     /// `count` varied messages: plain text, UTF-8, long lines, base64 attachments of 1 to
     /// ~200 KB. The same `seed` gives the same messages.
     pub fn samples(count: usize, seed: u64) -> Vec<Message> {
+        Self::generate(count, seed, |next| 1024 + (next() % 200_000) as usize)
+    }
+
+    /// `count` messages like [`samples`](Self::samples), each with an attachment of
+    /// `attachment` random bytes (the message is about 4/3 of that, base64). The same `seed`
+    /// gives the same messages.
+    pub fn sized(count: usize, seed: u64, attachment: usize) -> Vec<Message> {
+        Self::generate(count, seed, |_| attachment)
+    }
+
+    /// `count` messages whose attachment sizes `size` draws from the generator it is given.
+    fn generate(
+        count: usize,
+        seed: u64,
+        mut size: impl FnMut(&mut dyn FnMut() -> u64) -> usize,
+    ) -> Vec<Message> {
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let mut next = move || {
             state ^= state << 13;
@@ -154,7 +208,7 @@ impl Message {
         };
         (0..count)
             .map(|index| {
-                let size = 1024 + (next() % 200_000) as usize;
+                let size = size(&mut next);
                 let attachment: Vec<u8> = (0..size).map(|_| next() as u8).collect();
                 let mut text = format!(
                     "From: Bob <bob@example.org>\r\nTo: Alice <alice@example.org>\r\n\
@@ -199,6 +253,9 @@ ssl = required
 ssl_cert = <{d}/server.pem
 ssl_key = <{d}/server.key
 auth_mechanisms = plain login
+# Dovecot says `* OK Still here` to an IDLE client every 2 minutes by default; here it stays
+# silent for longer than any test, so that an IDLE through the tunnel lives on keep-alives.
+imap_idle_notify_interval = 60 mins
 # The broker logs in for everyone from one address: without this, Dovecot's per-address
 # penalty after failed logins would slow every person down for one person's typos.
 login_trusted_networks = 127.0.0.0/8

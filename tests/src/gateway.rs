@@ -274,53 +274,36 @@ impl Gateway {
     /// The audit events written so far. A last line still being written (no newline yet) is
     /// left for the next look.
     pub fn audit(&self) -> Vec<Value> {
-        let postern_broker::config::AuditTarget::File(path) = &self.config.audit else {
-            panic!("audit goes to a file")
-        };
-        std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .split_inclusive('\n')
-            .filter(|line| line.ends_with('\n'))
-            .map(|line| serde_json::from_str(line).expect("every audit line is JSON"))
-            .collect()
+        crate::audit::read(self.audit_path())
     }
 
     /// The audit events with `event.action` equal to `action`.
     pub fn audit_events(&self, action: &str) -> Vec<Value> {
-        self.audit()
-            .into_iter()
-            .filter(|e| e["event"]["action"] == action)
-            .collect()
+        crate::audit::events(self.audit_path(), action)
     }
 
-    /// Waits until an audit event satisfying `check` is written (events can trail the answer
-    /// an agent sees by a moment).
+    /// Waits up to 15 s until an audit event satisfying `check` is written (events can trail
+    /// the answer an agent sees by a moment).
     pub async fn wait_for_audit(&self, action: &str, check: impl Fn(&Value) -> bool) -> Value {
-        for _ in 0..600 {
-            if let Some(event) = self.audit_events(action).into_iter().find(|e| check(e)) {
-                return event;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!(
-            "no `{action}` audit event as expected; the trail:\n{:#?}",
-            self.audit()
-        );
+        crate::audit::wait_for(self.audit_path(), action, Duration::from_secs(15), check).await
+    }
+
+    /// Waits up to `limit` until there are at least `count` audit events `action`; whether
+    /// there are.
+    pub async fn wait_for_count(&self, action: &str, count: usize, limit: Duration) -> bool {
+        crate::audit::wait_for_count(self.audit_path(), action, count, limit).await
     }
 
     /// Waits up to `limit` for a first audit event `action`.
     pub async fn wait_for_audit_within(&self, action: &str, limit: Duration) -> Value {
-        let deadline = std::time::Instant::now() + limit;
-        while std::time::Instant::now() < deadline {
-            if let Some(event) = self.audit_events(action).into_iter().next() {
-                return event;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!(
-            "no `{action}` audit event within {limit:?}; the trail:\n{:#?}",
-            self.audit()
-        );
+        crate::audit::wait_for(self.audit_path(), action, limit, |_| true).await
+    }
+
+    fn audit_path(&self) -> &std::path::Path {
+        let postern_broker::config::AuditTarget::File(path) = &self.config.audit else {
+            panic!("audit goes to a file")
+        };
+        path
     }
 
     /// Starts a graceful shutdown and waits for the broker to stop.
@@ -426,6 +409,23 @@ impl AgentHandle {
     pub fn move_to(&self, local: SocketAddr) {
         let socket = std::net::UdpSocket::bind(local).unwrap();
         self.tunnel.rebind(socket).unwrap();
+    }
+
+    /// What the agent's tunnel is doing, as `postern status` shows it.
+    pub fn tunnel_state(&self) -> postern_agent::tunnel::TunnelState {
+        self.tunnel.state().borrow().clone()
+    }
+
+    /// Waits up to `limit` until the agent no longer uses the connection it had (a draining
+    /// broker told it to move, or it was lost); whether it did.
+    pub async fn left_its_connection(&self, limit: Duration) -> bool {
+        let mut state = self.tunnel.state();
+        let moved = |s: &postern_agent::tunnel::TunnelState| {
+            !matches!(s, postern_agent::tunnel::TunnelState::Connected(..))
+        };
+        tokio::time::timeout(limit, state.wait_for(moved))
+            .await
+            .is_ok()
     }
 
     /// Where `service` is served.

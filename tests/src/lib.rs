@@ -16,14 +16,19 @@
 //! - [`imap_fetch`], [`curl`], [`mbsync`]: real IMAP clients (Python `imaplib`, `curl`, isync).
 //! - [`ImapWire`]: raw IMAP over TLS, for the byte sequences no well-behaved client sends.
 //! - [`bin`]: the built `postern` and `postern-broker` binaries, for the demo.
+//! - [`TwoHosts`]: an edge and a laptop made of network namespaces, joined by a link whose
+//!   addresses can change and which can lose packets; [`EdgeBroker`], [`LaptopAgent`] and
+//!   [`MailSession`] run the real `postern-broker`, `postern` and an `imaplib` client on them.
 //!
-//! Nothing here listens on anything but 127.0.0.1.
+//! Nothing here listens on anything but 127.0.0.1, except in the namespaces of [`TwoHosts`],
+//! which reach nothing else.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
     reason = "a harness failure is a test failure"
 )]
 
+mod audit;
 mod courier;
 mod cyrus;
 mod daemon;
@@ -31,6 +36,7 @@ mod dovecot;
 mod gateway;
 mod idp;
 mod imap_wire;
+mod netns;
 mod process;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -43,6 +49,10 @@ pub use dovecot::{Dovecot, Message};
 pub use gateway::{AgentHandle, Gateway, LoginRun};
 pub use idp::{ALICE, Approval, BOB, CLIENT_ID, Idp, IdpOptions, Person, approve, totp_now};
 pub use imap_wire::ImapWire;
+pub use netns::{
+    EDGE_ADDR, EdgeBroker, LAPTOP_ADDR, LaptopAgent, LossCounts, MailSession, Namespace, TwoHosts,
+    digests,
+};
 pub use process::{Running, run_ok, wait_for_line};
 
 /// The workspace folder.
@@ -207,6 +217,12 @@ impl ImapIdle {
             .unwrap();
         assert_eq!(first.as_deref(), Some("idling"), "the client is idling");
         Self { child, lines }
+    }
+
+    /// Waits up to `limit` for what the client says next: `exists: N` (new mail), or how the
+    /// session ended; `None` if nothing came.
+    pub async fn next_within(&mut self, limit: std::time::Duration) -> Option<String> {
+        self.ended_within(limit).await
     }
 
     /// Waits up to `limit` for the session to end; how it ended, or `None` if it still lives.

@@ -29,6 +29,9 @@ pub struct Tuning {
     /// Streams the peer may have open at once. quinn allocates state for each up front, so keep
     /// it small; a peer that needs more waits for a stream to close.
     pub max_concurrent_streams: u32,
+    /// Unidirectional streams the peer may open: the agent allows the broker its one control
+    /// stream (`postern_proto::Notice`); the broker allows none.
+    pub control_streams: u32,
 }
 
 /// Bytes a peer may send on one stream ahead of what the application has read. With the
@@ -49,7 +52,7 @@ impl Tuning {
             .max_idle_timeout(Some(idle))
             .keep_alive_interval(self.keep_alive)
             .max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_streams))
-            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .max_concurrent_uni_streams(VarInt::from_u32(self.control_streams))
             .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
             .receive_window(VarInt::from_u32(RECEIVE_WINDOW))
             .send_window(u64::from(RECEIVE_WINDOW))

@@ -464,7 +464,7 @@ fn serve_runs_until_sigterm() {
                 .to_owned()
         })
         .collect();
-    assert_eq!(actions, ["broker.start", "broker.stop"]);
+    assert_eq!(actions, ["broker.start", "broker.drain", "broker.stop"]);
 }
 
 #[test]

@@ -21,39 +21,21 @@ const TUNING: Tuning = Tuning {
     idle_timeout: Duration::from_secs(30),
     keep_alive: None,
     max_concurrent_streams: 16,
+    control_streams: 0,
 };
 
 /// A connected QUIC pair on loopback: (client side, server side).
 async fn quic_pair() -> (quinn::Connection, quinn::Connection) {
-    let (chain, key) = testdata::server_credential();
-    let tls = postern_certs::server_config(
-        chain,
-        key,
-        Arc::new(testdata::client_verifier()),
-        &[postern_proto::ALPN_TUNNEL],
-    )
-    .unwrap();
+    let (server_tls, client_tls) =
+        testdata::tunnel_tls(SystemTime::now(), Duration::from_secs(600));
     let mut server_config =
-        quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
+        quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls).unwrap()));
     server_config.transport_config(TUNING.transport_config());
     let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
     let server_addr = server.local_addr().unwrap();
 
-    let now = SystemTime::now();
-    let credential = testdata::issue(
-        &testdata::client_ca(),
-        &testdata::alice(now),
-        now,
-        Duration::from_secs(600),
-    );
-    let tls = postern_certs::client_config(
-        &testdata::server_cas(),
-        Some(credential),
-        postern_proto::ALPN_TUNNEL,
-    )
-    .unwrap();
     let mut client_config =
-        quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+        quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls).unwrap()));
     client_config.transport_config(TUNING.transport_config());
     let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     client.set_default_client_config(client_config);
