@@ -75,6 +75,13 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// broker restart, a network change) before its connection is closed.
 pub const LOCAL_WAIT: Duration = Duration::from_secs(15);
 
+/// While a broker drains, a program waits for its successor up to the drain's end plus this
+/// (time to start again), when that is longer than [`LOCAL_WAIT`]...
+const RESTART_ALLOWANCE: Duration = Duration::from_secs(10);
+
+/// ...but never longer than this: about as long as mail programs wait for a server's greeting.
+const DRAIN_WAIT_MAX: Duration = Duration::from_secs(60);
+
 /// First wait before reconnecting after the connection was lost; it doubles with every failed
 /// attempt up to [`RECONNECT_MAX`], with jitter, so that agents do not come back in a storm.
 const RECONNECT_FIRST: Duration = Duration::from_millis(200);
@@ -105,6 +112,9 @@ pub struct Tunnel {
     /// When the certificate in use ends: the tunnel does not reconnect by itself with an ended
     /// one (renewal, or a new login, hands it the next).
     not_after: std::sync::Mutex<SystemTime>,
+    /// When the grace period of a broker that said it drains ends: programs that connect
+    /// meanwhile wait for its successor until then.
+    drain_ends: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// What the tunnel is doing, for `postern status`.
@@ -187,6 +197,7 @@ impl Tunnel {
         Ok(Self {
             tuning,
             not_after: std::sync::Mutex::new(not_after),
+            drain_ends: std::sync::Mutex::new(None),
             endpoint: endpoint()?,
             config,
             broker: bundle.broker.clone(),
@@ -302,6 +313,8 @@ impl Tunnel {
                                 "the broker is shutting down: programs connected through it may go on for up to {}s; new ones wait for a fresh connection",
                                 grace.as_secs()
                             );
+                            *self.drain_ends.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(tokio::time::Instant::now() + grace);
                             self.set_aside(&connection).await;
                             // Waits like after a loss, so that a broker that says this at once
                             // every time is not asked again and again.
@@ -363,19 +376,27 @@ impl Tunnel {
     }
 
     /// Opens a stream to `service` and waits for the broker's answer. While the tunnel is down
-    /// it waits up to [`LOCAL_WAIT`] for it to come back before giving up.
+    /// it waits up to [`LOCAL_WAIT`] for it to come back before giving up, or, while a broker
+    /// drains, until its grace period ends and its successor has had time to start.
     pub async fn open(
         &self,
         service: &ServiceName,
     ) -> Result<(SendStream, RecvStream), TunnelError> {
-        let deadline = tokio::time::Instant::now() + LOCAL_WAIT;
+        let now = tokio::time::Instant::now();
+        let drain_ends = *self.drain_ends.lock().unwrap_or_else(|e| e.into_inner());
+        let wait = drain_ends
+            .filter(|end| *end > now)
+            .map_or(LOCAL_WAIT, |end| {
+                (end - now + RESTART_ALLOWANCE).clamp(LOCAL_WAIT, DRAIN_WAIT_MAX)
+            });
+        let deadline = now + wait;
         let mut retried = false;
         loop {
             let attempt = tokio::time::timeout_at(deadline, self.connection()).await;
             let connection = match attempt.unwrap_or_else(|_| {
                 Err(TunnelError::Lost(format!(
                     "the broker did not come back within {}s",
-                    LOCAL_WAIT.as_secs()
+                    wait.as_secs()
                 )))
             }) {
                 Ok(connection) => connection,

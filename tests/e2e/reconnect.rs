@@ -146,6 +146,60 @@ async fn a_draining_broker_finishes_open_sessions_and_new_ones_wait_for_its_retu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_waits_through_a_drain_longer_than_the_usual_wait() {
+    let mut gateway = Gateway::start_with(
+        &[("echo", postern_tests::echo_server().await)],
+        None,
+        |config| {
+            *config = config.replace("# shutdown_grace = \"30s\"", "shutdown_grace = \"25s\"");
+        },
+    )
+    .await;
+    let agent =
+        AgentHandle::start(&gateway.issue("alice@example.org", &[], Duration::from_secs(600)))
+            .await;
+    let mut open = tokio::net::TcpStream::connect(agent.addr("echo"))
+        .await
+        .unwrap();
+    let mut back = [0u8; 5];
+    open.write_all(b"first").await.unwrap();
+    open.read_exact(&mut back).await.unwrap();
+
+    gateway.begin_shutdown();
+    assert!(agent.left_its_connection(Duration::from_secs(10)).await);
+    let waiting = tokio::spawn({
+        let addr = agent.addr("echo");
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(b"later").await.unwrap();
+            let mut back = [0u8; 5];
+            tokio::time::timeout(Duration::from_secs(60), stream.read_exact(&mut back))
+                .await
+                .map(|read| read.map(|_| back))
+        }
+    });
+    // The open session holds the drain for longer than a program usually waits (15 s).
+    tokio::time::sleep(Duration::from_secs(18)).await;
+    open.write_all(b"still").await.unwrap();
+    open.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still");
+    drop(open);
+    gateway.join().await;
+    gateway.resume();
+    assert_eq!(
+        waiting
+            .await
+            .unwrap()
+            .expect("answered in time")
+            .expect("read"),
+        *b"later",
+        "the program waited for the drain to end and was served by the restarted broker"
+    );
+    agent.stop().await;
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_whose_certificate_is_refused_does_not_hammer_the_broker() {
     let gateway = Gateway::start(&[("echo", postern_tests::echo_server().await)]).await;
     let issued = gateway.issue("alice@example.org", &[], Duration::from_secs(600));
