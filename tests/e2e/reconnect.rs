@@ -20,6 +20,51 @@ async fn echo_once(agent: &AgentHandle, text: &[u8]) -> Vec<u8> {
     back
 }
 
+/// A program that connects to the agent's `echo` now, sends `text` and waits up to `limit` for
+/// it to come back: the echoed bytes, or the timeout.
+fn program(
+    agent: &AgentHandle,
+    text: &'static [u8],
+    limit: Duration,
+) -> tokio::task::JoinHandle<Result<std::io::Result<Vec<u8>>, tokio::time::error::Elapsed>> {
+    let addr = agent.addr("echo");
+    tokio::spawn(async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(text).await.unwrap();
+        let mut back = vec![0u8; text.len()];
+        tokio::time::timeout(limit, stream.read_exact(&mut back))
+            .await
+            .map(|read| read.map(|_| back))
+    })
+}
+
+/// Sends `text` on `session` and reads it back.
+async fn echo_on(session: &mut tokio::net::TcpStream, text: &[u8]) -> Vec<u8> {
+    session.write_all(text).await.unwrap();
+    let mut back = vec![0u8; text.len()];
+    session.read_exact(&mut back).await.unwrap();
+    back
+}
+
+/// A broker draining for `grace` on shutdown, an agent, and a session open through them.
+async fn draining(grace: &str) -> (Gateway, AgentHandle, tokio::net::TcpStream) {
+    let line = format!("shutdown_grace = \"{grace}\"");
+    let gateway = Gateway::start_with(
+        &[("echo", postern_tests::echo_server().await)],
+        None,
+        |config| *config = config.replace("# shutdown_grace = \"30s\"", &line),
+    )
+    .await;
+    let agent =
+        AgentHandle::start(&gateway.issue("alice@example.org", &[], Duration::from_secs(600)))
+            .await;
+    let mut open = tokio::net::TcpStream::connect(agent.addr("echo"))
+        .await
+        .unwrap();
+    assert_eq!(echo_on(&mut open, b"first").await, b"first");
+    (gateway, agent, open)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_broker_restart_the_agent_is_back_within_two_seconds() {
     let mut gateway = Gateway::start(&[("echo", postern_tests::echo_server().await)]).await;
@@ -60,23 +105,13 @@ async fn a_program_that_connects_while_the_broker_is_down_waits_for_it() {
     );
 
     gateway.pause().await;
-    let waiting = tokio::spawn({
-        let addr = agent.addr("echo");
-        async move {
-            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-            stream.write_all(b"patient").await.unwrap();
-            let mut back = [0u8; 7];
-            tokio::time::timeout(Duration::from_secs(20), stream.read_exact(&mut back))
-                .await
-                .map(|read| read.map(|_| back))
-        }
-    });
+    let waiting = program(&agent, b"patient", Duration::from_secs(20));
     tokio::time::sleep(Duration::from_secs(2)).await;
     gateway.resume();
     let answered = waiting.await.unwrap();
     assert_eq!(
         answered.expect("answered in time").expect("read"),
-        *b"patient",
+        b"patient",
         "the program waited for the broker and was served"
     );
     agent.stop().await;
@@ -85,23 +120,7 @@ async fn a_program_that_connects_while_the_broker_is_down_waits_for_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_broker_finishes_open_sessions_and_new_ones_wait_for_its_return() {
-    let mut gateway = Gateway::start_with(
-        &[("echo", postern_tests::echo_server().await)],
-        None,
-        |config| {
-            *config = config.replace("# shutdown_grace = \"30s\"", "shutdown_grace = \"20s\"");
-        },
-    )
-    .await;
-    let agent =
-        AgentHandle::start(&gateway.issue("alice@example.org", &[], Duration::from_secs(600)))
-            .await;
-    let mut open = tokio::net::TcpStream::connect(agent.addr("echo"))
-        .await
-        .unwrap();
-    let mut back = [0u8; 5];
-    open.write_all(b"first").await.unwrap();
-    open.read_exact(&mut back).await.unwrap();
+    let (mut gateway, agent, mut open) = draining("20s").await;
 
     // An upgrade begins: the broker drains and tells the agent to move.
     gateway.begin_shutdown();
@@ -109,28 +128,16 @@ async fn a_draining_broker_finishes_open_sessions_and_new_ones_wait_for_its_retu
         agent.left_its_connection(Duration::from_secs(10)).await,
         "the agent moved off the draining broker's connection"
     );
-    let waiting = tokio::spawn({
-        let addr = agent.addr("echo");
-        async move {
-            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-            stream.write_all(b"later").await.unwrap();
-            let mut back = [0u8; 5];
-            tokio::time::timeout(Duration::from_secs(20), stream.read_exact(&mut back))
-                .await
-                .map(|read| read.map(|_| back))
-        }
-    });
+    let waiting = program(&agent, b"later", Duration::from_secs(20));
     // The session open before the drain still works.
-    open.write_all(b"again").await.unwrap();
-    open.read_exact(&mut back).await.unwrap();
-    assert_eq!(&back, b"again");
+    assert_eq!(echo_on(&mut open, b"again").await, b"again");
     drop(open);
     gateway.join().await;
     gateway.resume();
     let answered = waiting.await.unwrap();
     assert_eq!(
         answered.expect("answered in time").expect("read"),
-        *b"later",
+        b"later",
         "the program that came during the drain was served by the restarted broker"
     );
     // Told to move when the drain began, the agent never asked the draining broker for the
@@ -147,42 +154,14 @@ async fn a_draining_broker_finishes_open_sessions_and_new_ones_wait_for_its_retu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_program_waits_through_a_drain_longer_than_the_usual_wait() {
-    let mut gateway = Gateway::start_with(
-        &[("echo", postern_tests::echo_server().await)],
-        None,
-        |config| {
-            *config = config.replace("# shutdown_grace = \"30s\"", "shutdown_grace = \"25s\"");
-        },
-    )
-    .await;
-    let agent =
-        AgentHandle::start(&gateway.issue("alice@example.org", &[], Duration::from_secs(600)))
-            .await;
-    let mut open = tokio::net::TcpStream::connect(agent.addr("echo"))
-        .await
-        .unwrap();
-    let mut back = [0u8; 5];
-    open.write_all(b"first").await.unwrap();
-    open.read_exact(&mut back).await.unwrap();
+    let (mut gateway, agent, mut open) = draining("25s").await;
 
     gateway.begin_shutdown();
     assert!(agent.left_its_connection(Duration::from_secs(10)).await);
-    let waiting = tokio::spawn({
-        let addr = agent.addr("echo");
-        async move {
-            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-            stream.write_all(b"later").await.unwrap();
-            let mut back = [0u8; 5];
-            tokio::time::timeout(Duration::from_secs(60), stream.read_exact(&mut back))
-                .await
-                .map(|read| read.map(|_| back))
-        }
-    });
+    let waiting = program(&agent, b"later", Duration::from_secs(60));
     // The open session holds the drain for longer than a program usually waits (15 s).
     tokio::time::sleep(Duration::from_secs(18)).await;
-    open.write_all(b"still").await.unwrap();
-    open.read_exact(&mut back).await.unwrap();
-    assert_eq!(&back, b"still");
+    assert_eq!(echo_on(&mut open, b"still").await, b"still");
     drop(open);
     gateway.join().await;
     gateway.resume();
@@ -192,7 +171,7 @@ async fn a_program_waits_through_a_drain_longer_than_the_usual_wait() {
             .unwrap()
             .expect("answered in time")
             .expect("read"),
-        *b"later",
+        b"later",
         "the program waited for the drain to end and was served by the restarted broker"
     );
     agent.stop().await;
