@@ -880,6 +880,9 @@ struct Watch {
     ending: Option<String>,
     /// Whether it ends because the client sent what Postern does not pass on.
     refused: bool,
+    /// Whether the closing `* BYE` has gone out: a client that resets the stream after reading
+    /// it does not change why the session ended.
+    said_bye: bool,
 }
 
 /// Copies bytes both ways after login, watching both directions.
@@ -896,6 +899,7 @@ async fn relay(
         server: watch::Server::default(),
         ending: None,
         refused: false,
+        said_bye: false,
     });
     let decided = Notify::new();
     // Cancelled when the session ends: cut from outside, or a refused command.
@@ -1018,10 +1022,13 @@ async fn relay(
                     server,
                     ending,
                     refused: _,
+                    said_bye,
                 } = &mut *guard;
                 out.clear();
                 server.feed(&buf, &mut out, client);
-                ending.clone().filter(|_| server.at_boundary())
+                let bye = ending.clone().filter(|_| server.at_boundary());
+                *said_bye = bye.is_some();
+                bye
             };
             decided.notify_waiters();
             if let Some(reason) = &bye {
@@ -1056,6 +1063,8 @@ async fn relay(
                     Ok(()) => upload_done = true,
                     // Writing to a server that has closed: the session is over anyway.
                     Err(_) if download_done => break RelayEnd::Closed,
+                    // The client went after reading the BYE: the session ended as the BYE said.
+                    Err(_) if lock(&state).said_bye => break RelayEnd::Cancelled,
                     Err(end) => break end,
                 },
                 result = &mut download, if !download_done => match result {

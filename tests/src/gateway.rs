@@ -299,7 +299,7 @@ impl Gateway {
         crate::audit::wait_for(self.audit_path(), action, limit, |_| true).await
     }
 
-    fn audit_path(&self) -> &std::path::Path {
+    pub fn audit_path(&self) -> &std::path::Path {
         let postern_broker::config::AuditTarget::File(path) = &self.config.audit else {
             panic!("audit goes to a file")
         };
