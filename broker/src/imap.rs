@@ -31,6 +31,10 @@ use crate::config::{ImapService, ImapSettings, UpstreamTls};
 
 /// Bytes read at once from either side.
 const CHUNK: usize = 64 * 1024;
+/// Bytes read at once from a server that is not sending much, such as one holding an IDLE.
+const SMALL_CHUNK: usize = 4 * 1024;
+/// Time without anything from the server after which a session reads into a small buffer again.
+const QUIET: Duration = Duration::from_secs(1);
 /// Commands the broker answers before login before it gives up on a client.
 const MAX_COMMANDS_BEFORE_LOGIN: u32 = 64;
 /// Logins refused by the server on one connection before it is closed.
@@ -976,16 +980,21 @@ async fn relay(
     };
 
     let download = async {
-        let mut out = Vec::with_capacity(CHUNK);
+        let mut out = Vec::new();
         // What the server sent behind its login answer comes first.
-        let mut buf = BytesMut::with_capacity(CHUNK.max(from_server.len()));
-        buf.extend_from_slice(&from_server);
+        let mut buf = BytesMut::from(&from_server[..]);
         let mut unread = !buf.is_empty();
+        // Reads start small and grow when the server sends more than fits: a fetch reads in
+        // large pieces, and a session quiet for a moment goes back to a small buffer.
+        let mut want = SMALL_CHUNK;
         let mut ending_since: Option<tokio::time::Instant> = None;
         let mut draining = false;
         loop {
             if !std::mem::take(&mut unread) {
                 buf.clear();
+                if buf.capacity() < want {
+                    buf = BytesMut::with_capacity(want);
+                }
                 let grace = ending_since.map(|since| since + BYE_GRACE);
                 tokio::select! {
                     read = up_read.read_buf(&mut buf) => match read {
@@ -993,6 +1002,7 @@ async fn relay(
                             let _ = send.finish();
                             return Ok(());
                         }
+                        Ok(read) if read >= want => want = CHUNK,
                         Ok(_) => {}
                         Err(e) => return Err(RelayEnd::TcpFailed(e.kind())),
                     },
@@ -1008,6 +1018,12 @@ async fn relay(
                     () = session.drain.cancelled(), if !draining && ending_since.is_none() => {
                         draining = true;
                         lock(&state).ending.get_or_insert_with(|| DRAIN_REASON.to_owned());
+                    }
+                    // Nothing read: an empty buffer goes through below.
+                    () = tokio::time::sleep(QUIET), if want > SMALL_CHUNK => {
+                        want = SMALL_CHUNK;
+                        buf = BytesMut::new();
+                        out = Vec::new();
                     }
                     () = async { match grace { Some(g) => tokio::time::sleep_until(g).await, None => std::future::pending().await } } => {
                         // The response in flight did not end in time: no BYE can be placed.

@@ -21,6 +21,9 @@ use crate::reset_code;
 /// Bytes read from TCP per QUIC write.
 const CHUNK: usize = 64 * 1024;
 
+/// Reads shorter than this are copied out of their buffer before they are queued.
+const SMALL_READ: usize = 4 * 1024;
+
 /// Chunks of a QUIC stream written to TCP at once, at most (about 38 KB of full packets).
 const GATHER: usize = 32;
 
@@ -97,7 +100,27 @@ pub async fn relay_stream<S: AsyncRead + AsyncWrite + Unpin>(
     relay_halves(send, recv, read, write, cancel).await
 }
 
-async fn relay_halves<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+/// The reading side of a relay.
+trait ReadSide: AsyncRead + Unpin {
+    /// Resolves once a read would not wait, where that can be known without reading; at once
+    /// where it cannot.
+    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl ReadSide for tokio::net::tcp::ReadHalf<'_> {
+    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
+        self.readable()
+    }
+}
+
+/// A stream such as TLS may hold decrypted bytes already: only a read can tell.
+impl<S: AsyncRead> ReadSide for tokio::io::ReadHalf<S> {
+    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+async fn relay_halves<R: ReadSide, W: AsyncWrite + Unpin>(
     mut send: SendStream,
     mut recv: RecvStream,
     mut tcp_read: R,
@@ -186,14 +209,17 @@ async fn quic_to_tcp<W: AsyncWrite + Unpin>(
     }
 }
 
-async fn tcp_to_quic<R: AsyncRead + Unpin>(
+async fn tcp_to_quic<R: ReadSide>(
     tcp: &mut R,
     send: &mut SendStream,
     count: &mut u64,
 ) -> Result<(), RelayEnd> {
-    let mut buf = BytesMut::with_capacity(CHUNK);
     loop {
-        buf.reserve(CHUNK);
+        // An idle session holds no buffer: it is taken once there is something to read.
+        tcp.ready()
+            .await
+            .map_err(|e| RelayEnd::TcpFailed(e.kind()))?;
+        let mut buf = BytesMut::with_capacity(CHUNK);
         let read = tcp
             .read_buf(&mut buf)
             .await
@@ -210,12 +236,16 @@ async fn tcp_to_quic<R: AsyncRead + Unpin>(
                 Err(err) => Err(RelayEnd::ConnectionLost(err.to_string())),
             };
         }
-        send.write_chunk(buf.split().freeze())
-            .await
-            .map_err(|err| match err {
-                WriteError::Stopped(code) => RelayEnd::QuicStopped(code.into_inner()),
-                other => RelayEnd::ConnectionLost(other.to_string()),
-            })?;
+        // A few bytes do not pin a whole buffer until the peer acknowledges them.
+        let chunk = if read < SMALL_READ {
+            Bytes::copy_from_slice(&buf)
+        } else {
+            buf.freeze()
+        };
+        send.write_chunk(chunk).await.map_err(|err| match err {
+            WriteError::Stopped(code) => RelayEnd::QuicStopped(code.into_inner()),
+            other => RelayEnd::ConnectionLost(other.to_string()),
+        })?;
         *count += read as u64;
     }
 }
