@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use postern_tests::{Dovecot, ImapWire, Message, Running, bin, free_udp_port, wait_for_line};
+use postern_tests::{Dovecot, ImapWire, Message};
+
+use crate::setup::Postern;
 use serde_json::{Value, json};
 
 /// Messages in the mailbox (the samples average about 100 KB).
@@ -27,12 +29,19 @@ pub(crate) async fn run(runs: usize) -> anyhow::Result<Fetches> {
         .tempdir()?;
     eprintln!("seeding Dovecot with {MESSAGES} messages");
     let dovecot = Dovecot::start(&[("bench", PASSWORD, Message::samples(MESSAGES, 9))]);
-    let (agent, _processes) = postern(&dovecot, work.path()).context("setting up Postern")?;
-    let local_ca = work.path().join("agent/local-ca.pem");
+    let postern = postern(&dovecot, work.path(), 1, "").context("setting up Postern")?;
     let paths = [
         ("direct IMAPS", dovecot.addr(), dovecot.ca()),
-        ("Postern, tcp (TLS to Dovecot)", agent.0, dovecot.ca()),
-        ("Postern, imap (login checked)", agent.1, local_ca),
+        (
+            "Postern, tcp (TLS to Dovecot)",
+            postern.addr(0, "mailtcp"),
+            dovecot.ca(),
+        ),
+        (
+            "Postern, imap (login checked)",
+            postern.addr(0, "mail"),
+            postern.local_ca(0),
+        ),
     ];
     let mut rows = Vec::new();
     let mut bytes = 0;
@@ -75,107 +84,36 @@ async fn fetch(addr: std::net::SocketAddr, ca: &Path) -> anyhow::Result<(Duratio
 }
 
 /// A broker with the mailbox as two services, `mailtcp` (forwarded as it is) and `mail`
-/// (IMAP), and an agent serving both: their local addresses.
-fn postern(
+/// (IMAP), with `limits` added to its `[limits]`, and `agents` agents serving both.
+pub(crate) fn postern(
     dovecot: &Dovecot,
     work: &Path,
-) -> anyhow::Result<((std::net::SocketAddr, std::net::SocketAddr), Vec<Running>)> {
-    let (broker, agent) = (bin("postern-broker"), bin("postern"));
-    let dir = work.join("broker");
-    let home = work.join("agent");
-    let config = dir.join("broker.toml");
-    let listen = format!("127.0.0.1:{}", free_udp_port());
-    let run = |program: &Path, args: &[&str]| -> anyhow::Result<()> {
-        let output = std::process::Command::new(program)
-            .args(args)
-            .env("POSTERN_HOME", &home)
-            .output()?;
-        anyhow::ensure!(
-            output.status.success(),
-            "{} {args:?}: {}",
-            program.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        Ok(())
-    };
-    let text = |p: &Path| p.to_str().map(str::to_owned).context("a UTF-8 path");
-    run(
-        &broker,
+    agents: usize,
+    limits: &str,
+) -> anyhow::Result<Postern> {
+    let ca = dovecot.ca();
+    let ca = ca.to_str().context("a UTF-8 path")?;
+    Postern::start(
+        work,
         &[
-            "init",
-            "--dir",
-            &text(&dir)?,
-            "--hostname",
-            "localhost",
-            "--listen",
-            &listen,
-            "--service",
-            &format!("mailtcp={}", dovecot.addr()),
-            "--service",
-            &format!("mail=imaps://{}", dovecot.addr()),
-            "--mail-ca",
-            &text(&dovecot.ca())?,
+            "--service".to_owned(),
+            format!("mailtcp={}", dovecot.addr()),
+            "--service".to_owned(),
+            format!("mail=imaps://{}", dovecot.addr()),
+            "--mail-ca".to_owned(),
+            ca.to_owned(),
         ],
-    )?;
-    let toml = std::fs::read_to_string(&config)?.replace(
-        "# domain = \"example.org\"\n# domain_form = \"address\"",
-        "domain = \"example.org\"\ndomain_form = \"local\"",
-    );
-    std::fs::write(&config, toml)?;
-    let mut child = std::process::Command::new(&broker)
-        .args(["serve", "--config", &text(&config)?])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    let log = child.stderr.take().context("broker stderr")?;
-    let serving = Running(child);
-    wait_for_line(log, "broker serving");
-    let bundle = work.join("bench.bundle");
-    run(
-        &broker,
-        &[
-            "issue",
-            "--config",
-            &text(&config)?,
-            "--user",
-            "bench@example.org",
-            "--ttl",
-            "4h",
-            "--out",
-            &text(&bundle)?,
-        ],
-    )?;
-    run(&agent, &["login", "--bundle", &text(&bundle)?])?;
-    let mut child = std::process::Command::new(&agent)
-        .args([
-            "up",
-            "--listen",
-            "mail=127.0.0.1:0",
-            "--listen",
-            "mailtcp=127.0.0.1:0",
-        ])
-        .env("POSTERN_HOME", &home)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let stdout = child.stdout.take().context("agent stdout")?;
-    let up = Running(child);
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
-    let (mut imap, mut tcp) = (None, None);
-    while imap.is_none() || tcp.is_none() {
-        let line = lines.next().context("the agent names its addresses")??;
-        let addr = line.split_whitespace().nth(3).map(str::parse);
-        match (line.split_whitespace().nth(1), addr) {
-            (Some("mail"), Some(Ok(addr))) => imap = Some(addr),
-            (Some("mailtcp"), Some(Ok(addr))) => tcp = Some(addr),
-            _ => {}
-        }
-    }
-    let (Some(tcp), Some(imap)) = (tcp, imap) else {
-        anyhow::bail!("the agent named no addresses");
-    };
-    Ok(((tcp, imap), vec![serving, up]))
+        &["mail", "mailtcp"],
+        // Dovecot knows its people by the local part.
+        |toml| {
+            toml.replace(
+                "# domain = \"example.org\"\n# domain_form = \"address\"",
+                "domain = \"example.org\"\ndomain_form = \"local\"",
+            )
+            .replace("[limits]\n", &format!("[limits]\n{limits}"))
+        },
+        agents,
+    )
 }
 
 impl Fetches {

@@ -12,7 +12,9 @@
 
 mod imap;
 mod latency;
+mod memory;
 mod policy;
+mod procs;
 mod setup;
 mod throughput;
 
@@ -42,7 +44,13 @@ struct Cli {
     /// Live sessions re-checked after a change.
     #[arg(long, default_value_t = 10_000)]
     sessions: usize,
-    /// Run only these parts (repeat): throughput, latency, imap, policy. Default: all.
+    /// Idle sessions held for the memory part, in increasing order (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    held: Vec<usize>,
+    /// Agents (laptops) the held sessions come from.
+    #[arg(long, default_value_t = 10)]
+    agents: usize,
+    /// Run only these parts (repeat): throughput, latency, imap, memory, policy. Default: all.
     #[arg(long = "only", value_name = "PART")]
     only: Vec<String>,
     /// Also write the results as JSON to this file.
@@ -51,11 +59,33 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("a runtime");
+    if std::env::args().nth(1).as_deref() == Some(memory::HOLD_COMMAND) {
+        let served = runtime.block_on(memory::serve_held());
+        eprintln!("postern-bench: the held service stopped: {served:?}");
+        return ExitCode::FAILURE;
+    }
+    let cli = Cli::parse();
+    // Interrupted, the harness stops what it started before it goes.
+    runtime.spawn(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut interrupt), Ok(mut terminate)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        eprintln!("postern-bench: interrupted; stopping the processes it started");
+        procs::stop_descendants();
+        std::process::exit(130);
+    });
     let wanted = |part: &str| cli.only.is_empty() || cli.only.iter().any(|p| p == part);
     let measured = runtime.block_on(async {
         let mut tables = Vec::new();
@@ -74,6 +104,11 @@ fn main() -> ExitCode {
             let fetches = imap::run(cli.runs).await?;
             tables.push(fetches.table());
             json.push(fetches.json());
+        }
+        if wanted("memory") {
+            let memory = memory::run(&cli.held, cli.agents).await?;
+            tables.push(memory.table());
+            json.push(memory.json());
         }
         if wanted("policy") {
             let policy = policy::run(cli.decisions, cli.sessions).await?;

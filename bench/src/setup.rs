@@ -3,7 +3,7 @@
 //! quinn pair with Postern's transport settings.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +20,11 @@ pub(crate) struct Route {
     pub(crate) addr: Option<SocketAddr>,
     /// The bare QUIC client, for the QUIC ceiling.
     pub(crate) quic: Option<QuicClient>,
+    /// The process at the server's end (broker, sshd, stunnel server), whose memory and CPU
+    /// time count; with its children.
+    pub(crate) server: Option<u32>,
+    /// The process at the client's end (agent, ssh, stunnel client).
+    pub(crate) client: Option<u32>,
     _processes: Vec<Running>,
 }
 
@@ -31,11 +36,13 @@ pub(crate) struct QuicClient {
 }
 
 impl Route {
-    fn tcp(name: &str, addr: SocketAddr, processes: Vec<Running>) -> Self {
+    pub(crate) fn tcp(name: &str, addr: SocketAddr, processes: Vec<Running>) -> Self {
         Self {
             name: name.to_owned(),
             addr: Some(addr),
             quic: None,
+            server: None,
+            client: None,
             _processes: processes,
         }
     }
@@ -74,74 +81,207 @@ pub(crate) fn direct(service: SocketAddr) -> Route {
     Route::tcp("direct TCP", service, vec![])
 }
 
-/// Postern: `postern-broker init/issue/serve` and `postern login --bundle`/`up`, as processes.
+/// Postern: `postern-broker init/issue/serve` and `postern login --bundle`/`up`, as processes,
+/// with one opaque service `bulk`.
 pub(crate) fn postern(service: SocketAddr, work: &Path) -> anyhow::Result<Route> {
-    let (broker, agent) = (bin("postern-broker"), bin("postern"));
-    let dir = work.join("broker");
-    let home = work.join("agent");
-    let config = dir.join("broker.toml");
-    let listen = format!("127.0.0.1:{}", free_udp_port());
-    run(
-        &broker,
-        &[
-            "init",
-            "--dir",
-            path(&dir),
-            "--hostname",
-            "localhost",
-            "--listen",
-            &listen,
-            "--service",
-            &format!("bulk={service}"),
-        ],
-        &home,
+    let postern = Postern::start(
+        work,
+        &["--service".to_owned(), format!("bulk={service}")],
+        &["bulk"],
+        |toml| toml,
+        1,
     )?;
-    let mut child = Command::new(&broker)
-        .args(["serve", "--config", path(&config)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let log = child.stderr.take().context("broker stderr")?;
-    let serving = Running(child);
-    wait_for_line(log, "broker serving");
-    let bundle = work.join("bench.bundle");
-    run(
-        &broker,
-        &[
-            "issue",
-            "--config",
-            path(&config),
-            "--user",
-            "bench@example.org",
-            "--ttl",
-            "4h",
-            "--out",
-            path(&bundle),
-        ],
-        &home,
-    )?;
-    run(&agent, &["login", "--bundle", path(&bundle)], &home)?;
-    let mut child = Command::new(&agent)
-        .args(["up", "--listen", "bulk=127.0.0.1:0"])
-        .env("POSTERN_HOME", &home)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = child.stdout.take().context("agent stdout")?;
-    let up = Running(child);
-    let line = wait_for_line(stdout, "postern: bulk on");
-    let addr = line
-        .split_whitespace()
-        .nth(3)
-        .context("the agent names its address")?
-        .parse()?;
-    Ok(Route::tcp("Postern", addr, vec![serving, up]))
+    let addr = postern.addr(0, "bulk");
+    let (server, client) = (postern.broker.0.id(), postern.agents[0].running.0.id());
+    Ok(Route {
+        server: Some(server),
+        client: Some(client),
+        ..Route::tcp("Postern", addr, postern.into_processes())
+    })
+}
+
+/// A broker and its agents, each a process: what `postern-broker init`, `issue` and `serve`,
+/// and `postern login --bundle` and `up` set up.
+pub(crate) struct Postern {
+    pub(crate) broker: Running,
+    pub(crate) agents: Vec<Agent>,
+}
+
+/// One `postern up` with its own home, serving every service on 127.0.0.1 with a free port.
+pub(crate) struct Agent {
+    pub(crate) running: Running,
+    addrs: Vec<(String, SocketAddr)>,
+    pub(crate) home: PathBuf,
+}
+
+impl Postern {
+    /// A broker made by `init` with the arguments `init` (its services), its `broker.toml`
+    /// passed through `edit`, and `agents` agents of one person, each serving the services
+    /// `names`.
+    pub(crate) fn start(
+        work: &Path,
+        init: &[String],
+        names: &[&str],
+        edit: impl FnOnce(String) -> String,
+        agents: usize,
+    ) -> anyhow::Result<Self> {
+        let (broker, agent) = (bin("postern-broker"), bin("postern"));
+        let dir = work.join("broker");
+        let config = dir.join("broker.toml");
+        let listen = format!("127.0.0.1:{}", free_udp_port());
+        let mut args = vec![
+            "init".to_owned(),
+            "--dir".into(),
+            path(&dir).into(),
+            "--hostname".into(),
+            "localhost".into(),
+            "--listen".into(),
+            listen,
+        ];
+        args.extend(init.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&broker, &args, work)?;
+        std::fs::write(&config, edit(std::fs::read_to_string(&config)?))?;
+        let mut child = Command::new(&broker)
+            .args(["serve", "--config", path(&config)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let log = child.stderr.take().context("broker stderr")?;
+        let serving = Running(child);
+        wait_for_line(log, "broker serving");
+        let bundle = work.join("bench.bundle");
+        run(
+            &broker,
+            &[
+                "issue",
+                "--config",
+                path(&config),
+                "--user",
+                "bench@example.org",
+                "--ttl",
+                "4h",
+                "--out",
+                path(&bundle),
+            ],
+            work,
+        )?;
+        let mut started = Vec::with_capacity(agents);
+        for n in 0..agents {
+            let home = work.join(format!("agent-{n}"));
+            run(&agent, &["login", "--bundle", path(&bundle)], &home)?;
+            let mut child = Command::new(&agent);
+            child.arg("up");
+            for name in names {
+                child.args(["--listen", &format!("{name}=127.0.0.1:0")]);
+            }
+            let mut child = child
+                .env("POSTERN_HOME", &home)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let stdout = child.stdout.take().context("agent stdout")?;
+            let running = Running(child);
+            // `postern: <name> on <address> …`, one line per service.
+            let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+            let mut addrs = Vec::new();
+            while addrs.len() < names.len() {
+                let line = lines.next().context("the agent names its addresses")??;
+                let words: Vec<&str> = line.split_whitespace().collect();
+                if let (Some(&"postern:"), Some(name), Some(Ok(addr))) =
+                    (words.first(), words.get(1), words.get(3).map(|a| a.parse()))
+                {
+                    addrs.push(((*name).to_owned(), addr));
+                }
+            }
+            std::thread::spawn(move || lines.for_each(drop));
+            started.push(Agent {
+                running,
+                addrs,
+                home,
+            });
+        }
+        Ok(Self {
+            broker: serving,
+            agents: started,
+        })
+    }
+
+    /// Where agent `n` serves `name`.
+    pub(crate) fn addr(&self, n: usize, name: &str) -> SocketAddr {
+        let agent = &self.agents[n];
+        agent
+            .addrs
+            .iter()
+            .find(|(service, _)| service == name)
+            .map(|&(_, addr)| addr)
+            .unwrap_or_else(|| panic!("the agent serves {name}"))
+    }
+
+    /// The CA agent `n` serves IMAP services with.
+    pub(crate) fn local_ca(&self, n: usize) -> PathBuf {
+        self.agents[n].home.join("local-ca.pem")
+    }
+
+    /// Every process, broker first.
+    pub(crate) fn into_processes(self) -> Vec<Running> {
+        std::iter::once(self.broker)
+            .chain(self.agents.into_iter().map(|a| a.running))
+            .collect()
+    }
 }
 
 /// `ssh -L` through a private sshd on a free port, with its own keys, with `cipher` or the
 /// default.
 pub(crate) fn ssh(service: SocketAddr, work: &Path, cipher: Option<&str>) -> anyhow::Result<Route> {
+    ssh_forward(service, work, cipher, false)
+}
+
+/// `ssh -L` with a terminal session beside the forwarding (`-tt`, a remote `sleep`): OpenSSH
+/// then takes the connection for interactive and sets `TCP_NODELAY` at both ends, which a bare
+/// `ssh -N -L` does not, so small replies are not held back by Nagle's algorithm.
+pub(crate) fn ssh_nodelay(service: SocketAddr, work: &Path) -> anyhow::Result<Route> {
+    ssh_forward(service, &work.join("nodelay"), None, true)
+}
+
+fn ssh_forward(
+    service: SocketAddr,
+    work: &Path,
+    cipher: Option<&str>,
+    interactive: bool,
+) -> anyhow::Result<Route> {
+    let (sshd, mut args) = sshd(work, cipher)?;
+    let local = free_tcp_port();
+    args.extend(["-L".to_owned(), format!("127.0.0.1:{local}:{service}")]);
+    if interactive {
+        args.extend(["-tt".to_owned(), "127.0.0.1".into(), "sleep 100000".into()]);
+    } else {
+        args.extend(["-N".to_owned(), "127.0.0.1".into()]);
+    }
+    let client = Running(
+        Command::new("ssh")
+            .args(&args)
+            .stdin(Stdio::null())
+            .spawn()?,
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], local));
+    wait_for_port(addr)?;
+    let name = match (cipher, interactive) {
+        (_, true) => "ssh -L -tt (TCP_NODELAY)".to_owned(),
+        (Some(cipher), false) => format!("ssh -L ({cipher})"),
+        (None, false) => "ssh -L (default)".to_owned(),
+    };
+    Ok(Route {
+        server: Some(sshd.0.id()),
+        client: Some(client.0.id()),
+        ..Route::tcp(&name, addr, vec![sshd, client])
+    })
+}
+
+/// A private sshd on a free port with its own keys, and the options that make `ssh` log in to
+/// it (with `cipher`, or the default); its host, `127.0.0.1`, goes after them.
+pub(crate) fn sshd(work: &Path, cipher: Option<&str>) -> anyhow::Result<(Running, Vec<String>)> {
     let sshd = Path::new("/usr/sbin/sshd");
     if !sshd.exists() {
         bail!("sshd is missing: run scripts/bench, which installs openssh-server");
@@ -159,7 +299,6 @@ pub(crate) fn ssh(service: SocketAddr, work: &Path, cipher: Option<&str>) -> any
     std::fs::copy(dir.join("client.pub"), dir.join("authorized_keys"))?;
     std::fs::create_dir_all("/run/sshd")?;
     let port = free_tcp_port();
-    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
     let config = format!(
         "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile {}\n\
          PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
@@ -177,10 +316,9 @@ pub(crate) fn ssh(service: SocketAddr, work: &Path, cipher: Option<&str>) -> any
             .spawn()?,
     );
     wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)))?;
-    let local = free_tcp_port();
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
     let mut args = vec![
-        "-N".to_owned(),
-        "-i".into(),
+        "-i".to_owned(),
         path(&dir.join("client")).to_owned(),
         "-o".into(),
         "StrictHostKeyChecking=no".into(),
@@ -194,26 +332,13 @@ pub(crate) fn ssh(service: SocketAddr, work: &Path, cipher: Option<&str>) -> any
         "LogLevel=ERROR".into(),
         "-p".into(),
         port.to_string(),
-        "-L".into(),
-        format!("127.0.0.1:{local}:{service}"),
+        "-l".into(),
+        user,
     ];
     if let Some(cipher) = cipher {
         args.extend(["-c".to_owned(), cipher.to_owned()]);
     }
-    args.push(format!("{user}@127.0.0.1"));
-    let client = Running(
-        Command::new("ssh")
-            .args(&args)
-            .stdin(Stdio::null())
-            .spawn()?,
-    );
-    let addr = SocketAddr::from(([127, 0, 0, 1], local));
-    wait_for_port(addr)?;
-    let name = match cipher {
-        Some(cipher) => format!("ssh -L ({cipher})"),
-        None => "ssh -L (default)".to_owned(),
-    };
-    Ok(Route::tcp(&name, addr, vec![sshd, client]))
+    Ok((sshd, args))
 }
 
 /// stunnel client and server (TLS 1.3), each a process.
@@ -255,7 +380,11 @@ pub(crate) fn stunnel(service: SocketAddr, work: &Path) -> anyhow::Result<Route>
     let addr = SocketAddr::from(([127, 0, 0, 1], client_port));
     wait_for_port(SocketAddr::from(([127, 0, 0, 1], server_port)))?;
     wait_for_port(addr)?;
-    Ok(Route::tcp("stunnel (TLS 1.3)", addr, processes))
+    Ok(Route {
+        server: Some(processes[0].0.id()),
+        client: Some(processes[1].0.id()),
+        ..Route::tcp("stunnel (TLS 1.3)", addr, processes)
+    })
 }
 
 /// A bare quinn server and client in this process, with Postern's transport settings and TLS
@@ -336,6 +465,8 @@ pub(crate) async fn quic(len: u64) -> anyhow::Result<Route> {
             connection,
             _endpoint: client_endpoint,
         }),
+        server: None,
+        client: None,
         _processes: vec![],
     })
 }

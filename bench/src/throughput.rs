@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 
+use crate::procs;
 use crate::setup::{self, Route};
 
 /// Concurrent streams measured.
@@ -19,10 +20,12 @@ pub(crate) struct Report {
     rows: Vec<Row>,
 }
 
-/// One path's results: for each stream count, MiB/s of every measured run.
+/// One path's results: for each stream count, MiB/s of every measured run, and the CPU
+/// seconds per GiB its server and client ends spent over the measured runs.
 struct Row {
     name: String,
     samples: Vec<(usize, Vec<f64>)>,
+    cpu: Vec<(usize, Option<(f64, f64)>)>,
 }
 
 /// Sets up every path and measures it.
@@ -52,6 +55,13 @@ pub(crate) async fn run(mib: u64, runs: usize) -> anyhow::Result<Report> {
             eprintln!("measuring {} with {streams} stream(s)", route.name);
             // One run to warm up connections, caches and congestion windows.
             transfer(route, *streams).await?;
+            let spent = || {
+                route
+                    .server
+                    .zip(route.client)
+                    .map(|(s, c)| (procs::cpu_seconds(s), procs::cpu_seconds(c)))
+            };
+            let before = spent();
             let mut samples = Vec::with_capacity(runs);
             for _ in 0..runs {
                 let (bytes, seconds) = transfer(route, *streams).await?;
@@ -63,13 +73,22 @@ pub(crate) async fn run(mib: u64, runs: usize) -> anyhow::Result<Report> {
                 );
                 samples.push(bytes as f64 / (1024.0 * 1024.0) / seconds);
             }
+            let gib = (runs as u64 * per_stream * *streams as u64) as f64 / f64::from(1u32 << 30);
+            let cpu =
+                before
+                    .zip(spent())
+                    .map(|((server, client), (server_after, client_after))| {
+                        ((server_after - server) / gib, (client_after - client) / gib)
+                    });
             if streams_index == 0 {
                 rows.push(Row {
                     name: route.name.clone(),
                     samples: vec![],
+                    cpu: vec![],
                 });
             }
             rows[index].samples.push((*streams, samples));
+            rows[index].cpu.push((*streams, cpu));
         }
     }
     Ok(Report { mib, runs, rows })
@@ -182,6 +201,29 @@ impl Report {
                 }
             }
         }
+        out.push_str(
+            "\nCPU seconds per GiB over the measured runs (server end: broker, sshd, stunnel server; client end: agent, ssh, stunnel client)\n\n",
+        );
+        out.push_str(&format!(
+            "{:<32} {:>22} {:>22}\n{:<32} {:>10} {:>11} {:>10} {:>11}\n",
+            "path", "1 stream", "8 streams", "", "server", "client", "server", "client"
+        ));
+        for row in self
+            .rows
+            .iter()
+            .filter(|r| r.cpu.iter().any(|(_, c)| c.is_some()))
+        {
+            out.push_str(&format!("{:<32}", row.name));
+            for (_, cpu) in &row.cpu {
+                match cpu {
+                    Some((server, client)) => {
+                        out.push_str(&format!(" {server:>10.2} {client:>11.2}"));
+                    }
+                    None => out.push_str(&format!(" {:>10} {:>11}", "-", "-")),
+                }
+            }
+            out.push('\n');
+        }
         out
     }
 
@@ -194,10 +236,14 @@ impl Report {
             "runs": self.runs,
             "paths": self.rows.iter().map(|row| json!({
                 "name": row.name,
-                "results": row.samples.iter().map(|(streams, samples)| json!({
+                "results": row.samples.iter().zip(&row.cpu).map(|((streams, samples), (_, cpu))| json!({
                     "streams": streams,
                     "median": median(samples),
                     "samples": samples,
+                    "cpu_seconds_per_gib": cpu.map(|(server, client)| json!({
+                        "server": server,
+                        "client": client,
+                    })),
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })

@@ -26,16 +26,26 @@ pub struct Message(pub Vec<u8>);
 impl Dovecot {
     /// Starts Dovecot with `users` (name, password, messages in INBOX).
     pub fn start(users: &[(&str, &str, Vec<Message>)]) -> Self {
-        Self::launch(users, None)
+        Self::launch(users, None, "")
+    }
+
+    /// Like [`start`](Self::start), with `settings` added to the configuration (such as the
+    /// limits that many connections need).
+    pub fn start_with(users: &[(&str, &str, Vec<Message>)], settings: &str) -> Self {
+        Self::launch(users, None, settings)
     }
 
     /// Starts Dovecot with `users` inside `namespace`, on that namespace's own 127.0.0.1: only
     /// programs in the namespace reach it.
     pub fn start_in(namespace: &Namespace, users: &[(&str, &str, Vec<Message>)]) -> Self {
-        Self::launch(users, Some(namespace))
+        Self::launch(users, Some(namespace), "")
     }
 
-    fn launch(users: &[(&str, &str, Vec<Message>)], namespace: Option<&Namespace>) -> Self {
+    fn launch(
+        users: &[(&str, &str, Vec<Message>)],
+        namespace: Option<&Namespace>,
+        settings: &str,
+    ) -> Self {
         assert!(
             Path::new("/usr/sbin/dovecot").exists(),
             "Dovecot is not installed; run scripts/install-test-deps"
@@ -89,7 +99,7 @@ impl Dovecot {
                 (mail_uid, mail_gid),
                 &internal,
                 &login,
-            );
+            ) + settings;
             std::fs::write(dir.path().join("dovecot.conf"), config).unwrap();
             let log = std::fs::File::create(dir.path().join("stdio.log")).unwrap();
             let child = match namespace {
