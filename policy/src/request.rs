@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::{LazyLock, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use cedar_policy::{
@@ -242,10 +243,7 @@ impl Request<'_> {
         entities.push(resource);
         let entities = Entities::from_entities(entities, schema).map_err(|e| e.to_string())?;
         let shared = [
-            (
-                "source_ip",
-                RestrictedExpression::new_ip(canonical_ip(self.source).to_string()),
-            ),
+            ("source_ip", ip_expression(canonical_ip(self.source))),
             ("time", time_record(self.now)?),
             ("authentication", authentication(self.authentication, now)?),
             ("device", string(self.device)),
@@ -381,12 +379,12 @@ fn certificate_record(
     .map_err(|e| e.to_string())
 }
 
-/// The `Time` record: the instant, and wall-clock fields in the configured zone.
+/// The `Time` record: the instant (to the second, rounded down), and wall-clock fields in the
+/// configured zone.
 fn time_record(now: &Zoned) -> Result<RestrictedExpression, String> {
-    let instant = now
-        .timestamp()
-        .strftime("%Y-%m-%dT%H:%M:%S%.3fZ")
-        .to_string();
+    // Whole seconds: the decisions of one second share one `datetime` value (see
+    // `datetime_expression`), and no access rule needs a finer instant.
+    let instant = now.timestamp().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
     let weekday = match now.weekday() {
         jiff::civil::Weekday::Monday => "monday",
         jiff::civil::Weekday::Tuesday => "tuesday",
@@ -397,10 +395,7 @@ fn time_record(now: &Zoned) -> Result<RestrictedExpression, String> {
         jiff::civil::Weekday::Sunday => "sunday",
     };
     RestrictedExpression::new_record([
-        (
-            "datetime".to_owned(),
-            RestrictedExpression::new_datetime(instant),
-        ),
+        ("datetime".to_owned(), datetime_expression(instant)),
         (
             "hour".to_owned(),
             RestrictedExpression::new_long(now.hour().into()),
@@ -422,9 +417,72 @@ fn time_record(now: &Zoned) -> Result<RestrictedExpression, String> {
     .map_err(|e| e.to_string())
 }
 
+/// `ip("…")` for `ip`. Cedar parses the extension's name with its whole grammar each time one of
+/// these is built (several µs, a good part of a decision), so the values of recent requests are
+/// kept: a connection's source address repeats.
+fn ip_expression(ip: IpAddr) -> RestrictedExpression {
+    static RECENT: LazyLock<Mutex<HashMap<IpAddr, RestrictedExpression>>> =
+        LazyLock::new(Mutex::default);
+    recent(&RECENT, ip, || RestrictedExpression::new_ip(ip.to_string()))
+}
+
+/// `datetime("…")` for `instant`, the last one kept: the decisions of one second, and those of a
+/// re-check, share one instant.
+fn datetime_expression(instant: String) -> RestrictedExpression {
+    static LAST: Mutex<Option<(String, RestrictedExpression)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(PoisonError::into_inner);
+    match &*last {
+        Some((kept, value)) if *kept == instant => value.clone(),
+        _ => {
+            let value = RestrictedExpression::new_datetime(&instant);
+            *last = Some((instant, value.clone()));
+            value
+        }
+    }
+}
+
+/// The value for `key` in `cache`, made with `make` when it is not there; the cache is emptied
+/// when it has reached [`RECENT_VALUES`] values.
+fn recent<K: std::hash::Hash + Eq>(
+    cache: &Mutex<HashMap<K, RestrictedExpression>>,
+    key: K,
+    make: impl FnOnce() -> RestrictedExpression,
+) -> RestrictedExpression {
+    let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(value) = cache.get(&key) {
+        return value.clone();
+    }
+    if cache.len() >= RECENT_VALUES {
+        cache.clear();
+    }
+    let value = make();
+    cache.insert(key, value.clone());
+    value
+}
+
+/// Extension values kept per kind, at most.
+const RECENT_VALUES: usize = 4096;
+
 pub(crate) fn uid(kind: &str, id: &str) -> Result<EntityUid, String> {
-    let kind = EntityTypeName::from_str(kind).map_err(|e| e.to_string())?;
-    Ok(EntityUid::from_type_name_and_id(kind, EntityId::new(id)))
+    Ok(EntityUid::from_type_name_and_id(
+        type_name(kind)?,
+        EntityId::new(id),
+    ))
+}
+
+/// The entity types of the schema, parsed once: Cedar parses a type name with its full grammar
+/// (a fresh lexer each time), and every request names several.
+fn type_name(kind: &str) -> Result<EntityTypeName, String> {
+    static KNOWN: LazyLock<Vec<(&str, EntityTypeName)>> = LazyLock::new(|| {
+        ["User", "Group", "Action", "Service", "Broker", "Mailbox"]
+            .into_iter()
+            .filter_map(|kind| Some((kind, EntityTypeName::from_str(kind).ok()?)))
+            .collect()
+    });
+    match KNOWN.iter().find(|(known, _)| *known == kind) {
+        Some((_, name)) => Ok(name.clone()),
+        None => EntityTypeName::from_str(kind).map_err(|e| e.to_string()),
+    }
 }
 
 fn string(value: &str) -> RestrictedExpression {
@@ -448,5 +506,92 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+    use std::time::{Duration, SystemTime};
+
+    use crate::{
+        Action, Authentication, Certificate, Policies, Principal, Request, Service, Source,
+    };
+
+    /// The source address and the instant are each request's own, although their Cedar values
+    /// are kept between requests; the instant is rounded down to the second.
+    #[test]
+    fn kept_extension_values_follow_each_request() {
+        let policies = Policies::from_sources(
+            &[Source {
+                name: "p.cedar".into(),
+                text: r#"
+                    @id("inside") permit (principal, action, resource)
+                        when { context.source_ip.isInRange(ip("10.0.0.0/8")) };
+                    @id("from-2027") forbid (principal, action, resource)
+                        when { context.time.datetime >= datetime("2027-01-01T00:00:00Z") };
+                    @id("half-past") forbid (principal, action, resource)
+                        when {
+                            context.time.datetime >= datetime("2026-06-01T00:00:00.500Z") &&
+                            context.time.datetime < datetime("2026-06-01T00:00:02Z")
+                        };
+                "#
+                .into(),
+            }],
+            None,
+        )
+        .unwrap();
+        let principal = Principal {
+            id: "https://idp.example.org#alice".into(),
+            issuer: "https://idp.example.org".into(),
+            subject: "alice".into(),
+            email: None,
+            name: None,
+            groups: vec![],
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let authentication = Authentication {
+            issuance: "login",
+            flow: None,
+            amr: vec![],
+            acr: None,
+            auth_time: now,
+        };
+        let service = Service {
+            name: "imap".into(),
+            protocol: "tcp".into(),
+            tags: vec![],
+        };
+        let decide = |source: &str, at: &str| {
+            let zoned = at
+                .parse::<jiff::Timestamp>()
+                .unwrap()
+                .to_zoned(jiff::tz::TimeZone::UTC);
+            policies
+                .authorize(&Request {
+                    principal: &principal,
+                    authentication: &authentication,
+                    device: "00",
+                    source: source.parse::<IpAddr>().unwrap(),
+                    now: &zoned,
+                    action: Action::Connect {
+                        service: &service,
+                        certificate: Certificate {
+                            not_before: now,
+                            not_after: now,
+                        },
+                    },
+                })
+                .is_allowed()
+        };
+        for _ in 0..3 {
+            assert!(decide("10.1.2.3", "2026-12-31T23:59:59.900Z"));
+            assert!(!decide("192.0.2.1", "2026-12-31T23:59:59.900Z"));
+            assert!(!decide("10.1.2.3", "2027-01-01T00:00:00.100Z"));
+            assert!(decide("10.1.2.3", "2026-12-31T23:59:59.900Z"));
+        }
+        // 00:00:00.900 is taken as 00:00:00, before the half second.
+        assert!(decide("10.1.2.3", "2026-06-01T00:00:00.900Z"));
+        assert!(!decide("10.1.2.3", "2026-06-01T00:00:01Z"));
     }
 }
