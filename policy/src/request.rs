@@ -419,12 +419,24 @@ fn time_record(now: &Zoned) -> Result<RestrictedExpression, String> {
 
 /// `ip("…")` for `ip`. Cedar parses the extension's name with its whole grammar each time one of
 /// these is built (several µs, a good part of a decision), so the values of recent requests are
-/// kept: a connection's source address repeats.
+/// kept: a connection's source address repeats. Emptied when it reaches [`RECENT_IPS`].
 fn ip_expression(ip: IpAddr) -> RestrictedExpression {
     static RECENT: LazyLock<Mutex<HashMap<IpAddr, RestrictedExpression>>> =
         LazyLock::new(Mutex::default);
-    recent(&RECENT, ip, || RestrictedExpression::new_ip(ip.to_string()))
+    let mut recent = RECENT.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(value) = recent.get(&ip) {
+        return value.clone();
+    }
+    if recent.len() >= RECENT_IPS {
+        recent.clear();
+    }
+    let value = RestrictedExpression::new_ip(ip.to_string());
+    recent.insert(ip, value.clone());
+    value
 }
+
+/// Source addresses whose `ip` values are kept, at most.
+const RECENT_IPS: usize = 4096;
 
 /// `datetime("…")` for `instant`, the last one kept: the decisions of one second, and those of a
 /// re-check, share one instant.
@@ -440,28 +452,6 @@ fn datetime_expression(instant: String) -> RestrictedExpression {
         }
     }
 }
-
-/// The value for `key` in `cache`, made with `make` when it is not there; the cache is emptied
-/// when it has reached [`RECENT_VALUES`] values.
-fn recent<K: std::hash::Hash + Eq>(
-    cache: &Mutex<HashMap<K, RestrictedExpression>>,
-    key: K,
-    make: impl FnOnce() -> RestrictedExpression,
-) -> RestrictedExpression {
-    let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(value) = cache.get(&key) {
-        return value.clone();
-    }
-    if cache.len() >= RECENT_VALUES {
-        cache.clear();
-    }
-    let value = make();
-    cache.insert(key, value.clone());
-    value
-}
-
-/// Extension values kept per kind, at most.
-const RECENT_VALUES: usize = 4096;
 
 pub(crate) fn uid(kind: &str, id: &str) -> Result<EntityUid, String> {
     Ok(EntityUid::from_type_name_and_id(
