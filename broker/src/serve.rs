@@ -884,7 +884,14 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
             return refuse(&shared, connect, &mut send, RefuseCode::Busy, reason).await;
         };
         let audited = peer.connect(session, source, name, Some(&decision));
-        if let Err(err) = shared.audit.record(&Event::ConnectAllow(audited)).await {
+        // The service is reached while the decision goes on record: the agent hears nothing,
+        // and no byte passes, until both are done.
+        let allowed = Event::ConnectAllow(audited);
+        let (recorded, reached) = tokio::join!(
+            shared.audit.record(&allowed),
+            reach(&shared, &service.config, service.tls.as_ref(), name),
+        );
+        if let Err(err) = recorded {
             tracing::error!(error = %err, "cannot write the audit trail: refusing the session");
             let reason = "the broker cannot write its audit trail; access is refused until it can";
             return answer(&mut send, Answer::Refused(Refusal::new(RefuseCode::Internal, reason))).await;
@@ -914,43 +921,13 @@ async fn stream(peer: Arc<Peer>, shared: Arc<Shared>, mut send: SendStream, mut 
                 reason: &reason,
             });
         };
-        let connect_timeout = shared.config.limits.connect_timeout;
-        let Ok(Ok(_connecting)) = tokio::time::timeout(connect_timeout, shared.connect_slots.acquire()).await else {
-            let reason = "the broker is making too many connections at once; try again in a moment";
-            warn!("too many connections to services in progress (`limits.max_pending_connects`)");
-            answer(&mut send, Answer::Refused(Refusal::new(RefuseCode::Busy, reason))).await;
-            return close("busy: too many connections to services in progress".into(), 0, 0);
-        };
-        let upstream = match connect_upstream(&service.config, connect_timeout).await {
+        let upstream = match reached {
             Ok(upstream) => upstream,
-            Err((code, detail)) => {
-                warn!(upstream = %format!("{}:{}", service.config.host, service.config.port), error = %detail, "service unreachable");
-                let reason = format!("`{name}` cannot be reached from the broker right now ({detail}); try again later, or tell your administrator if it persists");
-                answer(&mut send, Answer::Refused(Refusal::new(code, &reason))).await;
-                return close(format!("{}: {detail}", code.as_str()), 0, 0);
+            Err((refusal, reason)) => {
+                answer(&mut send, Answer::Refused(refusal)).await;
+                return close(reason, 0, 0);
             }
         };
-        let upstream = match &service.config.protocol {
-            Protocol::Imap(imap) => {
-                let connected = tokio::time::timeout(
-                    connect_timeout,
-                    crate::imap::connect(upstream, imap, service.tls.as_ref()),
-                )
-                .await
-                .unwrap_or_else(|_| Err(format!("no IMAP greeting within {}", humantime::format_duration(connect_timeout))));
-                match connected {
-                    Ok(mail) => Upstream::Imap(mail, imap),
-                    Err(detail) => {
-                        warn!(upstream = %format!("{}:{}", service.config.host, service.config.port), error = %detail, "mail server unusable");
-                        let reason = format!("`{name}` cannot be used from the broker right now ({detail}); try again later, or tell your administrator if it persists");
-                        answer(&mut send, Answer::Refused(Refusal::new(RefuseCode::UpstreamUnavailable, &reason))).await;
-                        return close(format!("upstream_unavailable: {detail}"), 0, 0);
-                    }
-                }
-            }
-            Protocol::Tcp => Upstream::Tcp(upstream),
-        };
-        drop(_connecting);
         if let Err(err) = write_frame(&mut send, &Answer::Opened).await {
             return close(format!("client_gone: {err}"), 0, 0);
         }
@@ -1224,6 +1201,68 @@ async fn answer(send: &mut SendStream, answer: Answer) {
     // The agent may be gone already; there is nobody left to tell.
     if write_frame(send, &answer).await.is_ok() {
         let _ = send.finish();
+    }
+}
+
+/// Reaches a session's service: a TCP connection, and for an IMAP service its greeting over
+/// TLS. On failure, the refusal for the agent and the reason for the audit trail.
+async fn reach<'a>(
+    shared: &Shared,
+    config: &'a ServiceConfig,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    name: &str,
+) -> Result<Upstream<'a>, (Refusal, String)> {
+    let upstream_addr = || format!("{}:{}", config.host, config.port);
+    let connect_timeout = shared.config.limits.connect_timeout;
+    let Ok(Ok(_connecting)) =
+        tokio::time::timeout(connect_timeout, shared.connect_slots.acquire()).await
+    else {
+        let reason = "the broker is making too many connections at once; try again in a moment";
+        warn!("too many connections to services in progress (`limits.max_pending_connects`)");
+        return Err((
+            Refusal::new(RefuseCode::Busy, reason),
+            "busy: too many connections to services in progress".into(),
+        ));
+    };
+    let upstream = match connect_upstream(config, connect_timeout).await {
+        Ok(upstream) => upstream,
+        Err((code, detail)) => {
+            warn!(upstream = %upstream_addr(), error = %detail, "service unreachable");
+            let reason = format!(
+                "`{name}` cannot be reached from the broker right now ({detail}); try again later, or tell your administrator if it persists"
+            );
+            return Err((
+                Refusal::new(code, &reason),
+                format!("{}: {detail}", code.as_str()),
+            ));
+        }
+    };
+    match &config.protocol {
+        Protocol::Imap(imap) => {
+            let connected =
+                tokio::time::timeout(connect_timeout, crate::imap::connect(upstream, imap, tls))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "no IMAP greeting within {}",
+                            humantime::format_duration(connect_timeout)
+                        ))
+                    });
+            match connected {
+                Ok(mail) => Ok(Upstream::Imap(mail, imap)),
+                Err(detail) => {
+                    warn!(upstream = %upstream_addr(), error = %detail, "mail server unusable");
+                    let reason = format!(
+                        "`{name}` cannot be used from the broker right now ({detail}); try again later, or tell your administrator if it persists"
+                    );
+                    Err((
+                        Refusal::new(RefuseCode::UpstreamUnavailable, &reason),
+                        format!("upstream_unavailable: {detail}"),
+                    ))
+                }
+            }
+        }
+        Protocol::Tcp => Ok(Upstream::Tcp(upstream)),
     }
 }
 

@@ -284,3 +284,74 @@ async fn a_user_gets_no_more_sessions_than_the_limit_across_devices() {
     assert!(freed, "a closed session frees its place");
     gateway.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_passes_while_the_audit_trail_cannot_be_written() {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    // A service that greets each connection and reports what the other side sent.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service = listener.local_addr().unwrap();
+    let (sent, mut received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = stream.write_all(b"* OK greeting\r\n").await;
+            let mut got = Vec::new();
+            let _ = stream.read_to_end(&mut got).await;
+            let _ = sent.send(got);
+        }
+    });
+    // The trail is a pipe whose reader goes away once a certificate is on record, as when the
+    // broker's standard output goes to a logger that died: writes fail from then on.
+    let fifo = tempfile::tempdir().unwrap();
+    let trail = fifo.path().join("audit.pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&trail)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // Opened before the broker, which then finds a reader and does not wait for one.
+    let mut reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(&trail)
+        .unwrap();
+    let path = trail.display().to_string();
+    let gateway = Gateway::start_with(&[("svc", service)], None, |config| {
+        *config = config.replace("# path = \"audit.jsonl\"", &format!("path = \"{path}\""));
+    })
+    .await;
+    let bundle = gateway.issue("alice@example.org", &[], HOUR);
+    let mut written = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !String::from_utf8_lossy(&written).contains("cert.issue")
+        && std::time::Instant::now() < deadline
+    {
+        let mut chunk = [0u8; 4096];
+        match reader.read(&mut chunk) {
+            Ok(n) if n > 0 => written.extend_from_slice(&chunk[..n]),
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    let written = String::from_utf8_lossy(&written);
+    assert!(
+        written.contains("cert.issue"),
+        "the trail worked until now: {written}"
+    );
+    drop(reader);
+
+    match open(&bundle, "svc").await {
+        Err(TunnelError::Refused(refusal)) => {
+            assert_eq!(refusal.code(), RefuseCode::Internal, "{refusal}");
+            assert!(refusal.reason().contains("audit trail"), "{refusal}");
+        }
+        other => panic!("a session without a record: {other:?}"),
+    }
+    // The service may have been reached meanwhile; if so, it was left without a byte.
+    if let Ok(Some(got)) = tokio::time::timeout(Duration::from_secs(5), received.recv()).await {
+        assert!(got.is_empty(), "bytes passed unaudited: {got:?}");
+    }
+    gateway.stop().await;
+}
