@@ -6,8 +6,9 @@ use std::time::{Duration, SystemTime};
 
 use postern_certs::{Bundle, LocalTls};
 use postern_proto::{ServiceKind, ServiceName};
-use postern_transport::{RelayEnd, relay_stream};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use postern_transport::{RelayEnd, Relayed, relay, relay_stream};
+use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -511,7 +512,11 @@ async fn serve_local(
             let accepted =
                 tokio::time::timeout(LOCAL_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
             match accepted {
-                Ok(Ok(tls)) => forward(tls, local, tunnel, shutdown).await,
+                Ok(Ok(mut tls)) => {
+                    if let Some((send, recv)) = open_for(&mut tls, local, tunnel).await {
+                        report(relay_stream(send, recv, tls, shutdown).await);
+                    }
+                }
                 Ok(Err(err)) => info!(
                     error = %err,
                     "a local TLS handshake failed: does the mail program trust this device's local CA? (`postern trust`)"
@@ -519,25 +524,34 @@ async fn serve_local(
                 Err(_) => info!("a local program did not complete its TLS handshake in time"),
             }
         }
-        None => forward(stream, local, tunnel, shutdown).await,
+        None => {
+            let mut stream = stream;
+            if let Some((send, recv)) = open_for(&mut stream, local, tunnel).await {
+                // Over plain TCP the relay holds no buffer while idle, and resets the program's
+                // connection when the session ends abnormally instead of closing it cleanly.
+                report(relay(send, recv, stream, shutdown).await);
+            }
+        }
     }
 }
 
-/// Opens a tunnel stream for a local connection and relays it; a refusal is told in IMAP terms
-/// to an IMAP client.
-async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
+/// Opens a tunnel stream for a local connection. A refusal is told in IMAP terms to an IMAP
+/// client, and the connection closed.
+async fn open_for<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     local: &Local,
     tunnel: &Tunnel,
-    shutdown: &CancellationToken,
-) {
+) -> Option<(SendStream, RecvStream)> {
     let service = &local.service;
     let opened = match local.guard.ready(CHECK_WAIT).await {
         Ok(()) => tunnel.open(service).await,
         Err(why) => Err(TunnelError::Unready(why)),
     };
-    let (send, recv) = match opened {
-        Ok(streams) => streams,
+    match opened {
+        Ok(streams) => {
+            debug!("tunnel open");
+            Some(streams)
+        }
         Err(err) => {
             let reason = match &err {
                 TunnelError::Unready(why) => {
@@ -563,11 +577,13 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
                     .await;
             }
             let _ = stream.shutdown().await;
-            return;
+            None
         }
-    };
-    debug!("tunnel open");
-    let relayed = relay_stream(send, recv, stream, shutdown).await;
+    }
+}
+
+/// Logs how a relayed connection ended.
+fn report(relayed: Relayed) {
     match relayed.end {
         RelayEnd::Closed | RelayEnd::Cancelled => {
             debug!(

@@ -153,3 +153,42 @@ async fn two_hundred_concurrent_connections_keep_their_bytes() {
         .sum();
     assert_eq!(audited, total, "the audit trail counts every byte");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_at_the_service_is_reset_for_the_program_not_closed() {
+    // A service that sends part of an answer and then aborts its connection (RST).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = stream.write_all(b"part of an answer").await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = stream.set_zero_linger();
+        }
+    });
+    let gateway = Gateway::start(&[("cut", service)]).await;
+    let agent =
+        AgentHandle::start(&gateway.issue("alice@example.org", &[], Duration::from_secs(600)))
+            .await;
+
+    let mut program = tokio::net::TcpStream::connect(agent.addr("cut"))
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), program.read_to_end(&mut received))
+        .await
+        .expect("the program hears of the cut");
+    // A clean end would pass the cut-off answer as a complete one.
+    match read {
+        Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}"),
+        Ok(_) => panic!(
+            "the program saw a clean end after {:?}",
+            String::from_utf8_lossy(&received)
+        ),
+    }
+    assert_eq!(
+        received, b"part of an answer",
+        "what came before the cut arrived"
+    );
+    gateway.stop().await;
+}
