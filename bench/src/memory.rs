@@ -1,7 +1,7 @@
 //! Memory the server end holds for idle sessions: the broker, sshd (all its processes) and the
-//! stunnel server, each with 1,000 and then 10,000 sessions open and quiet. A session is a TCP
-//! connection from a client here, through the path, to a service here that greets it and then
-//! holds it open.
+//! stunnel server, each with 1,000 and then 10,000 sessions open and quiet; and what Postern's
+//! agents hold for the same sessions. A session is a TCP connection from a client here, through
+//! the path, to a service here that greets it and then holds it open.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -30,6 +30,8 @@ pub(crate) struct Memory {
 
 struct Row {
     name: String,
+    /// The server end of the path; otherwise Postern's agents, the client end.
+    server: bool,
     /// KiB before any session.
     base: u64,
     /// Sessions open and KiB held, for each count (fewer sessions where the path's processes
@@ -61,20 +63,19 @@ pub(crate) async fn run(counts: &[usize], agents: usize) -> anyhow::Result<Memor
     )
     .context("setting up Postern")?;
     let postern_addrs: Vec<SocketAddr> = (0..agents).map(|n| postern.addr(n, "held")).collect();
-    let broker = postern.broker.0.id();
-    let mut rows = vec![
-        fill(
-            "Postern broker, tcp",
-            broker,
-            &postern_addrs,
-            counts,
-            room(1),
-            open,
-        )
-        .await?,
-    ];
+    let mut rows = fill(
+        &[
+            ("Postern broker, tcp", vec![postern.broker.0.id()]),
+            ("Postern agents, tcp", postern.agent_pids()),
+        ],
+        &postern_addrs,
+        counts,
+        room(1),
+        open,
+    )
+    .await?;
     drop(postern);
-    rows.push(imap(work.path(), counts, agents, room(1)).await?);
+    rows.extend(imap(work.path(), counts, agents, room(1)).await?);
     for route in [
         setup::ssh(service, work.path(), None).context("setting up ssh -L")?,
         setup::stunnel(service, work.path()).context("setting up stunnel")?,
@@ -96,7 +97,7 @@ pub(crate) async fn run(counts: &[usize], agents: usize) -> anyhow::Result<Memor
                 usize::try_from(limit * 125 / 256).unwrap_or(usize::MAX) - 64,
             ),
         };
-        rows.push(fill(name, *server, &[*addr], counts, room, open).await?);
+        rows.extend(fill(&[(name, vec![*server])], &[*addr], counts, room, open).await?);
     }
     Ok(Memory {
         counts: counts.to_vec(),
@@ -106,15 +107,15 @@ pub(crate) async fn run(counts: &[usize], agents: usize) -> anyhow::Result<Memor
 }
 
 /// Opens sessions with `open` through `addrs` (round robin) up to each count but at most
-/// `room`, reading `server`'s memory once they are all open; closes them all at the end.
+/// `room`, reading the memory of each of `measured` (a name, and processes taken together; the
+/// first is the path's server end) once they are all open; closes them all at the end.
 async fn fill<S, F>(
-    name: &str,
-    server: u32,
+    measured: &[(&str, Vec<u32>)],
     addrs: &[SocketAddr],
     counts: &[usize],
     room: usize,
     open: impl Fn(SocketAddr) -> F,
-) -> anyhow::Result<Row>
+) -> anyhow::Result<Vec<Row>>
 where
     S: Send + 'static,
     F: Future<Output = anyhow::Result<S>> + Send + 'static,
@@ -125,7 +126,14 @@ where
         drop(open(*addr).await?);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let base = procs::rss_kib(server);
+    let rss = || -> Vec<u64> {
+        measured
+            .iter()
+            .map(|(_, pids)| pids.iter().map(|&pid| procs::rss_kib(pid)).sum())
+            .collect()
+    };
+    let name = measured.first().map_or("", |(name, _)| *name);
+    let base = rss();
     let mut sessions: Vec<S> = Vec::with_capacity(counts.last().copied().unwrap_or(0));
     let mut held = Vec::new();
     for &wanted in counts {
@@ -151,15 +159,20 @@ where
         }
         // Let whatever follows an open (acknowledgements, timers) settle.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        held.push((count, procs::rss_kib(server)));
+        held.push((count, rss()));
     }
     drop(sessions);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    Ok(Row {
-        name: name.to_owned(),
-        base,
-        held,
-    })
+    Ok(measured
+        .iter()
+        .enumerate()
+        .map(|(at, (name, _))| Row {
+            name: (*name).to_owned(),
+            server: at == 0,
+            base: base[at],
+            held: held.iter().map(|(count, kib)| (*count, kib[at])).collect(),
+        })
+        .collect())
 }
 
 /// Dovecot settings for many sessions of one person from one address: login processes that
@@ -190,7 +203,7 @@ async fn imap(
     counts: &[usize],
     agents: usize,
     room: usize,
-) -> anyhow::Result<Row> {
+) -> anyhow::Result<Vec<Row>> {
     let dovecot = postern_tests::Dovecot::start_with(&[("bench", PASSWORD, vec![])], DOVECOT_MANY);
     let work = work.join("imap");
     let most = counts.iter().copied().max().unwrap_or(0);
@@ -202,8 +215,10 @@ async fn imap(
         .map(|n| (addrs[n], std::sync::Arc::new(postern.local_ca(n))))
         .collect();
     fill(
-        "Postern broker, imap",
-        postern.broker.0.id(),
+        &[
+            ("Postern broker, imap", vec![postern.broker.0.id()]),
+            ("Postern agents, imap", postern.agent_pids()),
+        ],
         &addrs,
         counts,
         room,
@@ -317,6 +332,7 @@ impl Memory {
             "Resident memory of the server end holding idle sessions (Postern's from {} agents)\n\n{:<22} {:>9}",
             self.agents, "server", "base MiB"
         );
+        let (servers, agents): (Vec<&Row>, Vec<&Row>) = self.rows.iter().partition(|r| r.server);
         for _ in &self.counts {
             out.push_str(&format!(
                 " {:>9} {:>9} {:>12} {:>9}",
@@ -324,14 +340,14 @@ impl Memory {
             ));
         }
         out.push('\n');
-        for row in &self.rows {
+        for row in &servers {
             out.push_str(&format!(
                 "{:<22} {:>9.1}",
                 row.name,
                 row.base as f64 / 1024.0
             ));
             for at in 0..self.counts.len() {
-                let postern = self.rows.first().map_or(f64::NAN, |p| per_session(p, at));
+                let postern = servers.first().map_or(f64::NAN, |p| per_session(p, at));
                 let (count, kib) = row.held[at];
                 out.push_str(&format!(
                     " {:>9} {:>9.1} {:>12.1} {:>8.2}×",
@@ -342,6 +358,29 @@ impl Memory {
                 ));
             }
             out.push('\n');
+        }
+        if !agents.is_empty() {
+            out.push_str(&format!(
+                "\nThe client end: Postern's {} agents together, for the same sessions\n\n",
+                self.agents
+            ));
+            for row in &agents {
+                out.push_str(&format!(
+                    "{:<22} {:>9.1}",
+                    row.name,
+                    row.base as f64 / 1024.0
+                ));
+                for (at, (count, kib)) in row.held.iter().enumerate() {
+                    out.push_str(&format!(
+                        " {:>9} {:>9.1} {:>12.1} {:>9}",
+                        count,
+                        *kib as f64 / 1024.0,
+                        per_session(row, at),
+                        ""
+                    ));
+                }
+                out.push('\n');
+            }
         }
         out
     }
@@ -354,6 +393,7 @@ impl Memory {
             "agents": self.agents,
             "paths": self.rows.iter().map(|row| json!({
                 "name": row.name,
+                "end": if row.server { "server" } else { "client" },
                 "base": row.base,
                 "held": row.held.iter().map(|(count, kib)| json!({
                     "sessions": count,

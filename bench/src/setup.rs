@@ -208,6 +208,11 @@ impl Postern {
         })
     }
 
+    /// The process ids of the agents.
+    pub(crate) fn agent_pids(&self) -> Vec<u32> {
+        self.agents.iter().map(|a| a.running.0.id()).collect()
+    }
+
     /// Where agent `n` serves `name`.
     pub(crate) fn addr(&self, n: usize, name: &str) -> SocketAddr {
         let agent = &self.agents[n];
