@@ -617,8 +617,13 @@ async fn told_to_move(connection: &Connection) -> Duration {
 
 /// A QUIC endpoint on a dual-stack socket, which reaches IPv4 and IPv6 addresses alike.
 pub(crate) fn endpoint() -> Result<Endpoint, TunnelError> {
-    Endpoint::client(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
-        .or_else(|_| Endpoint::client(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))))
+    postern_transport::endpoint(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)), None)
+        .or_else(|_| {
+            postern_transport::endpoint(
+                SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+                None,
+            )
+        })
         .map_err(|e| TunnelError::Setup(e.to_string()))
 }
 

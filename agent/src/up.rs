@@ -427,8 +427,10 @@ fn route_to(remote: SocketAddr) -> Option<std::net::IpAddr> {
 /// A new socket like the endpoint's (same family, any address, a new port).
 fn fresh_socket(current: Option<SocketAddr>) -> std::io::Result<std::net::UdpSocket> {
     match current {
-        Some(SocketAddr::V4(_)) => std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)),
-        _ => std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+        Some(SocketAddr::V4(_)) => {
+            postern_transport::udp_socket(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+        }
+        _ => postern_transport::udp_socket(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))),
     }
 }
 

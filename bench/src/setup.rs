@@ -416,7 +416,7 @@ pub(crate) async fn quic(len: u64) -> anyhow::Result<Route> {
         control_streams: 0,
     };
     server.transport_config(tuning.transport_config());
-    let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse()?)?;
+    let endpoint = postern_transport::endpoint("127.0.0.1:0".parse()?, Some(server))?;
     let server_addr = endpoint.local_addr()?;
     tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
@@ -460,7 +460,7 @@ pub(crate) async fn quic(len: u64) -> anyhow::Result<Route> {
         }
         .transport_config(),
     );
-    let mut client_endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let mut client_endpoint = postern_transport::endpoint("127.0.0.1:0".parse()?, None)?;
     client_endpoint.set_default_client_config(client);
     let connection = client_endpoint.connect(server_addr, "localhost")?.await?;
     Ok(Route {

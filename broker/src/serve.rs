@@ -237,7 +237,7 @@ impl Broker {
                 source,
             })?,
         );
-        let endpoint = Endpoint::server(server_config, config.listen).map_err(|error| StartError::Bind {
+        let endpoint = postern_transport::endpoint(config.listen, Some(server_config)).map_err(|error| StartError::Bind {
             addr: config.listen,
             hint: match error.kind() {
                 std::io::ErrorKind::AddrInUse => {
